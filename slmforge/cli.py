@@ -1,0 +1,151 @@
+"""The `slmforge` command: one subcommand per stage, plus `build` and `init`. Wiring only; logic lives in stages."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from slmforge.console import console
+from slmforge.recipe import STAGES, STARTER, RecipeError, load_recipe
+from slmforge.run import RunDir, Stage, StageOutcome
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Documents in, an evaluated specialist small model out.")
+
+RecipeArg = typer.Argument(..., exists=False, help="the recipe YAML file")
+SetOpt = typer.Option(None, "--set", help="override a recipe field, e.g. --set curate.heldout_fraction=0.2 (repeatable)")
+ForceOpt = typer.Option(False, "--force", help="rerun even when inputs and settings are unchanged")
+
+
+# stage name -> "module:Class"; imported only when the stage runs, so `slmforge --help` stays fast
+STAGE_CLASSES = {
+    "ingest": "slmforge.ingest.stage:IngestStage",
+    "curate": "slmforge.curate.stage:CurateStage",
+    "generate": "slmforge.generate.stage:GenerateStage",
+    "dapt": "slmforge.train.dapt:DaptStage",
+    "sft": "slmforge.train.sft:SftStage",
+    "dpo": "slmforge.train.dpo:DpoStage",
+    "eval": "slmforge.evaluate.stage:EvalStage",
+    "export": "slmforge.export.stage:ExportStage",
+}
+
+
+def _stage(name: str) -> Stage:
+    module, cls = STAGE_CLASSES[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def _load(recipe: Path, overrides: list[str] | None):
+    try:
+        return load_recipe(recipe, overrides or [])
+    except RecipeError as err:
+        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None = None, force: bool = False) -> list[StageOutcome]:
+    recipe = _load(recipe_path, overrides)
+    run = RunDir(recipe.run_path)
+    outcomes = []
+    for name in stages:
+        console.print(f"[bold cyan]▶ {name}[/bold cyan]")
+        try:
+            outcome = run.execute(_stage(name), recipe, force=force)
+        except (RecipeError, FileNotFoundError, RuntimeError, ValueError) as err:
+            console.print(f"[red]error in stage {name}:[/red] {err}", highlight=False)
+            raise typer.Exit(1) from None
+        if outcome.skipped:
+            console.print(f"  [dim]unchanged since {outcome.manifest['started']}: skipped (use --force to rerun)[/dim]")
+        else:
+            console.print(f"  done in {outcome.manifest['seconds']:.1f}s → {run.stage_dir(name)}")
+        outcomes.append(outcome)
+    _summary(outcomes)
+    return outcomes
+
+
+def _summary(outcomes: list[StageOutcome]) -> None:
+    table = Table(title="slmforge summary", show_header=True, header_style="bold")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for o in outcomes:
+        for what, value in _stage(o.stage).summary_rows(o.manifest.get("counts", {})):
+            table.add_row(what, value)
+    for o in outcomes:
+        table.add_row(f"time: {o.stage}", "skipped" if o.skipped else f"{o.manifest['seconds']:.1f}s")
+    console.print(table)
+
+
+@app.command()
+def init(path: Path = typer.Argument(Path("recipe.yaml")), documents: str = typer.Option("docs", help="documents folder"),
+         name: str = typer.Option("my-specialist")):
+    """Write an annotated starter recipe."""
+    if path.exists():
+        console.print(f"[red]error:[/red] {path} exists; not overwriting")
+        raise typer.Exit(1)
+    path.write_text(STARTER.format(name=name, documents=documents))
+    console.print(f"wrote {path}; edit it, then run `slmforge build {path}`")
+
+
+@app.command()
+def ingest(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
+    """Read documents (txt, md, html, pdf, docx) with provenance and chunk them by tokens."""
+    run_stages(recipe, ["ingest"], set_, force)
+
+
+@app.command()
+def curate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
+    """Dedup, quality and relevance filters, PII redaction, held-out split (a datatrove pipeline)."""
+    run_stages(recipe, ["curate"], set_, force)
+
+
+@app.command()
+def generate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
+    """Teacher-written and extractive synthetic data from the curated chunks, each item verified."""
+    run_stages(recipe, ["generate"], set_, force)
+
+
+@app.command()
+def train(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
+    """Domain-adaptive pretraining, then supervised fine-tuning, then DPO (the ones the recipe enables)."""
+    enabled = _load(recipe, set_).enabled_stages()
+    run_stages(recipe, [s for s in ("dapt", "sft", "dpo") if s in enabled], set_, force)
+
+
+@app.command("eval")
+def eval_(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
+    """Benchmarks from held-out documents; base vs every trained stage in one table."""
+    run_stages(recipe, ["eval"], set_, force)
+
+
+@app.command()
+def export(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
+    """Merged safetensors folder, GGUF, Ollama Modelfile and model card."""
+    run_stages(recipe, ["export"], set_, force)
+
+
+@app.command()
+def build(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
+          until: Optional[str] = typer.Option(None, help=f"stop after this stage ({', '.join(STAGES)})"),
+          from_: Optional[str] = typer.Option(None, "--from", help="start at this stage (earlier ones must be done)")):
+    """Run every stage the recipe enables, in order; finished unchanged stages are skipped."""
+    stages = _load(recipe, set_).enabled_stages()
+    for flag, value in (("--until", until), ("--from", from_)):
+        if value is not None and value not in STAGES:
+            console.print(f"[red]error:[/red] {flag} {value!r}: not a stage; choose from {', '.join(STAGES)}")
+            raise typer.Exit(2)
+    if from_:
+        stages = [s for s in stages if STAGES.index(s) >= STAGES.index(from_)]
+    if until:
+        stages = [s for s in stages if STAGES.index(s) <= STAGES.index(until)]
+    run_stages(recipe, stages, set_, force)
+
+
+def main():  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

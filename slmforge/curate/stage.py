@@ -1,0 +1,207 @@
+"""Curate stage: ingest chunks -> train.jsonl / heldout.jsonl, as a datatrove pipeline.
+
+    exact dedup (3 steps) -> MinHash near-dedup (4 steps) -> Gopher quality + repetition -> domain relevance
+    -> PII redaction -> document-level held-out split
+
+Every dropped chunk is kept in removed/<step>/ with its reason. The executor (local, Ray, Slurm) is a recipe
+setting; datatrove's completion markers in the scratch folder make a killed run resume task by task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from slmforge.records import Chunk
+from slmforge.run import StageContext, Stage, atomic_write_json, atomic_write_jsonl, read_jsonl
+
+CHUNK_FIELDS = set(Chunk.model_fields)
+
+
+def chunk_adapter(self, document) -> dict:
+    """datatrove Document -> our Chunk row (plus curation metadata kept beside it)."""
+    row = {k: v for k, v in document.metadata.items() if k in CHUNK_FIELDS}
+    row.update(id=document.id, text=document.text)
+    for extra in ("filter_reason", "relevance", "pii"):
+        if extra in document.metadata:
+            row[extra] = document.metadata[extra]
+    return row
+
+
+def _executor(cfg, pipeline, logging_dir: Path, tasks: int, depends=None):
+    if cfg.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(cfg.workers, tasks), logging_dir=str(logging_dir),
+                                     depends=depends, skip_completed=True, **cfg.executor_options)
+    if cfg.executor == "ray":
+        from datatrove.executor.ray import RayPipelineExecutor
+
+        return RayPipelineExecutor(pipeline, tasks=tasks, workers=cfg.workers, logging_dir=str(logging_dir),
+                                   depends=depends, skip_completed=True, **cfg.executor_options)
+    from datatrove.executor import SlurmPipelineExecutor
+
+    opts = {"time": "01:00:00", "partition": "cpu", **cfg.executor_options}
+    return SlurmPipelineExecutor(pipeline, tasks=tasks, logging_dir=str(logging_dir), depends=depends, **opts)
+
+
+def _wait_for(executor, timeout_s: float = 24 * 3600) -> None:
+    """Slurm's run() only submits; block until the last job's tasks have all written completion markers."""
+    start = time.time()
+    while executor.get_incomplete_ranks(skip_completed=True):
+        if time.time() - start > timeout_s:
+            raise TimeoutError(f"datatrove jobs did not finish within {timeout_s}s; see {executor.logging_dir}")
+        time.sleep(10)
+
+
+class CurateStage(Stage):
+    name = "curate"
+    version = "1"
+
+    def inputs(self, recipe, run):
+        manifest = run.manifest("ingest")
+        if manifest is None:
+            run.require("ingest", "chunks.jsonl")
+        return {"ingest": manifest["outputs"]["chunks.jsonl"], "documents": manifest["outputs"]["documents.jsonl"]}
+
+    def run(self, ctx: StageContext) -> None:
+        from datatrove.pipeline.dedup import (
+            ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups, MinhashConfig,
+            MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature,
+        )
+        from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+        from datatrove.pipeline.readers import JsonlReader
+        from datatrove.pipeline.writers import JsonlWriter
+
+        from slmforge.curate.blocks import DomainRelevanceFilter, RedactPII, TagSplit, heldout_documents, normalized_text
+
+        cfg, seed = ctx.recipe.curate, ctx.recipe.seed
+        chunks = read_jsonl(ctx.run.require("ingest", "chunks.jsonl"), Chunk)
+        documents = read_jsonl(ctx.run.require("ingest", "documents.jsonl"))
+        heldout = heldout_documents([d["id"] for d in documents], cfg.heldout_fraction, seed)
+        work = ctx.scratch
+        tasks = cfg.tasks
+
+        # Shard the input so `tasks` workers have files to share (datatrove readers split by file).
+        shard_dir = work / "input"
+        if not (shard_dir / "DONE").exists():
+            shards = defaultdict(list)
+            for c in chunks:
+                shards[int(c.doc_id, 16) % tasks].append(c.model_dump())
+            for i in range(tasks):
+                atomic_write_jsonl(shard_dir / f"{i:05d}.jsonl", shards.get(i, []))
+            (shard_dir / "DONE").write_text("ok")
+
+        def reader(folder: Path):
+            return JsonlReader(str(folder), compression=None, add_file_path=False, glob_pattern="*.jsonl")
+
+        def excluded(step: str):
+            return JsonlWriter(str(work / "removed" / step), output_filename="${rank}.jsonl", compression=None, adapter=chunk_adapter)
+
+        logs, chain, stage_input = work / "logs", None, shard_dir
+        if cfg.exact_dedup:
+            exact = ExactDedupConfig(content_getter=normalized_text)
+            chain = _executor(cfg, [reader(stage_input), ExactDedupSignature(str(work / "exact/sigs"), config=exact, finder_workers=1)], logs / "exact1", tasks)
+            chain = _executor(cfg, [ExactFindDedups(str(work / "exact/sigs"), str(work / "exact/dups"), config=exact)], logs / "exact2", 1, chain)
+            chain = _executor(cfg, [
+                reader(stage_input), ExactDedupFilter(str(work / "exact/dups"), config=exact, exclusion_writer=excluded("exact_duplicate")),
+                JsonlWriter(str(work / "after_exact"), output_filename="${rank}.jsonl", compression=None, adapter=chunk_adapter),
+            ], logs / "exact3", tasks, chain)
+            stage_input = work / "after_exact"
+
+        final_steps = []
+        if cfg.near_dedup.enabled:
+            mh = MinhashConfig(n_grams=cfg.near_dedup.ngram, num_buckets=cfg.near_dedup.buckets,
+                               hashes_per_bucket=cfg.near_dedup.hashes_per_bucket, seed=seed + 1)
+            chain = _executor(cfg, [reader(stage_input), MinhashDedupSignature(str(work / "minhash/sigs"), config=mh)], logs / "mh1", tasks, chain)
+            chain = _executor(cfg, [MinhashDedupBuckets(str(work / "minhash/sigs"), str(work / "minhash/buckets"), config=mh)], logs / "mh2", mh.num_buckets, chain)
+            chain = _executor(cfg, [MinhashDedupCluster(str(work / "minhash/buckets"), str(work / "minhash/remove"), config=mh)], logs / "mh3", 1, chain)
+            final_steps.append(MinhashDedupFilter(str(work / "minhash/remove"), exclusion_writer=excluded("near_duplicate")))
+
+        q = cfg.quality
+        if q.enabled:
+            final_steps.append(GopherQualityFilter(
+                min_doc_words=q.min_words, max_doc_words=q.max_words, min_avg_word_length=q.min_avg_word_length,
+                max_avg_word_length=q.max_avg_word_length, max_symbol_word_ratio=q.max_symbol_word_ratio,
+                max_bullet_lines_ratio=q.max_bullet_lines_ratio, max_ellipsis_lines_ratio=q.max_ellipsis_lines_ratio,
+                max_non_alpha_words_ratio=q.max_non_alpha_words_ratio, min_stop_words=q.min_stop_words,
+                exclusion_writer=excluded("quality"),
+            ))
+            if q.repetition:
+                final_steps.append(GopherRepetitionFilter(exclusion_writer=excluded("repetition")))
+        if cfg.relevance.enabled:
+            final_steps.append(DomainRelevanceFilter([c.text for c in chunks], cfg.relevance.reference,
+                                                     cfg.relevance.min_relative_score, exclusion_writer=excluded("relevance")))
+        if cfg.pii.enabled:
+            p = cfg.pii
+            final_steps.append(RedactPII(emails=p.emails, phones=p.phones, ips=p.ips, only_public_ips=p.only_public_ips, secrets=p.secrets))
+        final_steps += [
+            TagSplit(heldout),
+            JsonlWriter(str(work / "kept"), output_filename="${split}/${rank}.jsonl", compression=None, adapter=chunk_adapter),
+        ]
+        chain = _executor(cfg, [reader(stage_input), *final_steps], logs / "final", tasks, chain)
+        # datatrove logs every block at INFO on stderr; keep that in a file, the stage report says it shorter.
+        from loguru import logger
+
+        with open(work / "datatrove.log", "a") as log, contextlib.redirect_stderr(log):
+            logger.remove()
+            logger.add(log)
+            try:
+                chain.run()
+            finally:
+                logger.remove()
+                logger.add(sys.stderr, level="WARNING")
+        if cfg.executor == "slurm":
+            _wait_for(chain)
+
+        self._collect(ctx, chunks, heldout, documents)
+
+    def _collect(self, ctx: StageContext, chunks: list[Chunk], heldout: set[str], documents: list[dict]) -> None:
+        work, cfg = ctx.scratch, ctx.recipe.curate
+        order = {c.id: i for i, c in enumerate(chunks)}
+
+        def rows(folder: Path) -> list[dict]:
+            out = []
+            for f in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+                out += [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return sorted(out, key=lambda r: order.get(r["id"], 0))  # deterministic, in corpus order
+
+        kept = {split: rows(work / "kept" / split) for split in ("train", "heldout")}
+        pii = Counter()
+        for split, split_rows in kept.items():
+            for r in split_rows:
+                pii.update(r.pop("pii", {}))
+                r.pop("relevance", None)
+            atomic_write_jsonl(ctx.out / f"{split}.jsonl", [Chunk.model_validate(r) for r in split_rows])
+
+        removed = {}
+        for step in ("exact_duplicate", "near_duplicate", "quality", "repetition", "relevance"):
+            step_rows = rows(work / "removed" / step)
+            if step_rows:
+                atomic_write_jsonl(ctx.out / "removed" / f"{step}.jsonl", step_rows)
+            removed[step] = {
+                "count": len(step_rows),
+                "reasons": dict(Counter(r.get("filter_reason", step) for r in step_rows)),
+                "examples": [{"id": r["id"], "source": r["source"], "reason": r.get("filter_reason", step), "text": r["text"][:400]}
+                             for r in step_rows[: cfg.examples_per_reason]],
+            }
+        heldout_docs = [d for d in documents if d["id"] in heldout]
+        atomic_write_jsonl(ctx.out / "heldout_documents.jsonl", heldout_docs)
+        ctx.counts.update(
+            input_chunks=len(chunks), train_chunks=len(kept["train"]), heldout_chunks=len(kept["heldout"]),
+            train_tokens=sum(r["n_tokens"] for r in kept["train"]), heldout_tokens=sum(r["n_tokens"] for r in kept["heldout"]),
+            heldout_documents=len(heldout_docs), removed={k: v["count"] for k, v in removed.items()}, pii_redacted=dict(pii),
+        )
+        atomic_write_json(ctx.out / "report.json", {"counts": ctx.counts, "removed": removed})
+
+    def summary_rows(self, c: dict) -> list[tuple[str, str]]:
+        rows = [(f"removed: {step.replace('_', ' ')}", f"{n:,}") for step, n in c["removed"].items()]
+        return rows + [
+            ("PII redacted", ", ".join(f"{k} {v}" for k, v in c["pii_redacted"].items()) or "0"),
+            ("train chunks / tokens", f"{c['train_chunks']:,} / {c['train_tokens']:,}"),
+            ("held-out documents / chunks", f"{c['heldout_documents']:,} / {c['heldout_chunks']:,}"),
+        ]

@@ -1,0 +1,302 @@
+"""One reader per format: raw file -> Document with title and heading-structured sections.
+
+A reader raises ReadError with a short reason ("encrypted PDF", "binary file", ...) that the stage reports per
+file; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from slmforge.records import Document, Section
+from slmforge.run import sha256_bytes
+
+FORMATS = {".txt": "txt", ".md": "md", ".markdown": "md", ".html": "html", ".htm": "html", ".pdf": "pdf", ".docx": "docx"}
+
+
+class ReadError(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+def doc_id(relpath: str) -> str:
+    """Stable across content edits, so the held-out split does not move when a file is fixed."""
+    return sha256_bytes(relpath.encode())[:16]
+
+
+def read_file(path: Path, root: Path, encoding_fallback: bool = True) -> Document:
+    rel = path.relative_to(root).as_posix()
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ReadError("unsupported file type", path.suffix)
+    data = path.read_bytes()
+    if not data.strip():
+        raise ReadError("empty file")
+    title, sections, encoding = READERS[fmt](data, path, encoding_fallback)
+    sections = [s for s in sections if s.text.strip()]
+    if not sections:
+        raise ReadError("no text", "the file parsed but contains no text")
+    return Document(
+        id=doc_id(rel), source=rel, format=fmt, sha256=sha256_bytes(data),
+        title=(title or path.stem).strip()[:300], sections=sections, encoding=encoding,
+    )
+
+
+# ------------------------------------------------------------------------------------------ text decoding
+def decode_text(data: bytes, allow_fallback: bool) -> tuple[str, str]:
+    if b"\x00" in data[:8192]:
+        raise ReadError("binary file", "contains NUL bytes; not a text document")
+    try:
+        return data.decode("utf-8-sig"), "utf-8"
+    except UnicodeDecodeError as err:
+        if not allow_fallback:
+            raise ReadError("not UTF-8", f"invalid byte at offset {err.start}") from None
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(data).best()
+    if best is None or best.chaos > 0.2:
+        raise ReadError("not UTF-8", "and no other encoding fits the bytes")
+    return str(best), best.encoding
+
+
+def _paragraphs(text: str) -> str:
+    return re.sub(r"\n{3,}", "\n\n", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
+
+
+# ------------------------------------------------------------------------------------------ txt / md
+def read_txt(data: bytes, path: Path, fallback: bool):
+    text, enc = decode_text(data, fallback)
+    text = _paragraphs(text)
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), path.stem)
+    return first[:120], [Section(headings=[], text=text)], enc
+
+
+_ATX = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def read_md(data: bytes, path: Path, fallback: bool):
+    text, enc = decode_text(data, fallback)
+    lines = text.replace("\r\n", "\n").split("\n")
+    sections: list[Section] = []
+    stack: list[tuple[int, str]] = []
+    buf: list[str] = []
+    title = None
+    in_fence = False
+
+    def flush():
+        if "".join(buf).strip():
+            sections.append(Section(headings=[h for _, h in stack], text=_paragraphs("\n".join(buf))))
+        buf.clear()
+
+    for i, line in enumerate(lines):
+        if _FENCE.match(line):
+            in_fence = not in_fence
+        m = None if in_fence else _ATX.match(line)
+        # setext headings: a text line underlined with === (level 1) or --- (level 2)
+        setext = (not in_fence and i + 1 < len(lines) and line.strip() and not line.startswith((" ", "-", "*", "#"))
+                  and re.fullmatch(r"=+\s*|-{3,}\s*", lines[i + 1]) is not None)
+        if m or setext:
+            flush()
+            level, heading = (len(m.group(1)), m.group(2)) if m else ((1 if lines[i + 1].startswith("=") else 2), line.strip())
+            while stack and stack[-1][0] >= level:
+                stack.pop()
+            stack.append((level, heading))
+            title = title or heading
+            continue
+        if re.fullmatch(r"=+\s*|-{3,}\s*", line) and i > 0 and sections and not buf:
+            continue  # the underline of a setext heading already consumed
+        buf.append(line)
+    flush()
+    return title, sections, enc
+
+
+# ------------------------------------------------------------------------------------------ html
+# selectolax is a real HTML5 parser; we only walk its tree, because extractors such as trafilatura flatten away the
+# heading structure and code blocks that chunking and provenance need.
+_DROP = "script, style, noscript, nav, header, footer, aside, form, iframe, svg, .navheader, .navfooter, .toc, .breadcrumb, [role=navigation]"
+_HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
+_BLOCKS = {"p", "pre", "li", "dt", "dd", "tr", "blockquote", "caption", "figcaption", "td", "th", "div", "section",
+           "article", "main", "table", "ul", "ol", "dl", "tbody", "thead", "body", "html"}
+_LEAF_BLOCKS = {"p", "li", "dt", "dd", "tr", "blockquote", "caption", "figcaption"}
+
+
+def read_html(data: bytes, path: Path, fallback: bool):
+    from selectolax.lexbor import LexborHTMLParser as HTMLParser
+
+    text, enc = decode_text(data, fallback)
+    tree = HTMLParser(text)
+    title_node = tree.css_first("title")
+    title = title_node.text(strip=True) if title_node else None
+    for node in tree.css(_DROP):
+        node.decompose()
+    root = tree.body or tree.root
+    sections: list[Section] = []
+    stack: list[tuple[int, str]] = []
+    buf: list[str] = []
+    run: list[str] = []  # consecutive inline pieces (text, <code>, <a>) that form one paragraph
+
+    def end_run():
+        text = re.sub(r"\s+", " ", " ".join(run)).strip()
+        run.clear()
+        if text:
+            buf.append(re.sub(r"\s+([,.;:)])", r"\1", text))
+
+    def add(block: str):
+        end_run()
+        if block.strip():
+            buf.append(block)
+
+    def flush():
+        end_run()
+        if buf:
+            sections.append(Section(headings=[h for _, h in stack], text="\n\n".join(buf)))
+            buf.clear()
+
+    def inline(node) -> str:
+        return re.sub(r"\s+", " ", node.text(deep=True, separator="")).strip()
+
+    def visit(node):
+        for child in node.iter(include_text=True):
+            tag = child.tag
+            if tag == "-text":
+                run.append(child.text_content or "")
+            elif tag in _HEADINGS:
+                flush()
+                level = _HEADINGS[tag]
+                while stack and stack[-1][0] >= level:
+                    stack.pop()
+                stack.append((level, inline(child)))
+            elif tag == "pre":
+                add((child.text(deep=True, separator="") or "").strip("\n"))
+            elif tag == "tr":
+                cells = [inline(c) for c in child.iter() if c.tag in ("td", "th")]
+                add(" | ".join(c for c in cells if c))
+            elif tag in _LEAF_BLOCKS and not _has_structure(child):
+                add(inline(child))
+            elif tag in _BLOCKS or tag in _LEAF_BLOCKS:
+                end_run()
+                visit(child)
+                end_run()
+            else:  # inline element (<code>, <a>, <em>) continuing the current paragraph
+                run.append(child.text(deep=True, separator=""))
+
+    visit(root)
+    flush()
+    if not title and stack:
+        title = stack[0][1]
+    return title, sections, enc
+
+
+def _has_structure(node) -> bool:
+    nodes = node.traverse()
+    next(nodes, None)  # traverse() yields the node itself first
+    return any(d.tag in _HEADINGS or d.tag in ("pre", "p", "table", "ul", "ol", "dl") for d in nodes)
+
+
+# ------------------------------------------------------------------------------------------ pdf
+def read_pdf(data: bytes, path: Path, fallback: bool):
+    import io
+
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    if not data.startswith(b"%PDF"):
+        raise ReadError("corrupt PDF", "no %PDF header")
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise ReadError("encrypted PDF", "a password is required")
+        pages = [(p.extract_text() or "") for p in reader.pages]
+        outline = _pdf_outline(reader)
+        meta_title = (reader.metadata or {}).get("/Title") if reader.metadata else None
+    except ReadError:
+        raise
+    except (PdfReadError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ReadError("corrupt PDF", str(err)[:200]) from None
+    except Exception as err:  # pypdf raises many types on damaged files; the run must go on
+        if "encrypt" in str(err).lower() or "crypt" in type(err).__name__.lower():
+            raise ReadError("encrypted PDF", str(err)[:200]) from None
+        raise ReadError("corrupt PDF", f"{type(err).__name__}: {str(err)[:200]}") from None
+    if not any(p.strip() for p in pages):
+        raise ReadError("no extractable text", "scanned or image-only PDF (OCR is not supported)")
+    sections = []
+    for i, text in enumerate(pages):
+        heading = [t for page, t in outline if page <= i][-1:] or [f"page {i + 1}"]
+        sections.append(Section(headings=heading, text=_paragraphs(text)))
+    return (str(meta_title) if meta_title else None), sections, None
+
+
+def _pdf_outline(reader) -> list[tuple[int, str]]:
+    out = []
+
+    def walk(items):
+        for item in items:
+            if isinstance(item, list):
+                walk(item)
+            else:
+                try:
+                    out.append((reader.get_destination_page_number(item), str(item.title)))
+                except Exception:
+                    pass
+
+    try:
+        walk(reader.outline)
+    except Exception:
+        return []
+    return sorted(out)
+
+
+# ------------------------------------------------------------------------------------------ docx
+def read_docx(data: bytes, path: Path, fallback: bool):
+    import io
+    import zipfile
+
+    import docx
+
+    try:
+        document = docx.Document(io.BytesIO(data))
+    except (zipfile.BadZipFile, KeyError, ValueError) as err:
+        raise ReadError("corrupt DOCX", f"{type(err).__name__}: {str(err)[:200]}") from None
+    except Exception as err:
+        raise ReadError("corrupt DOCX", f"{type(err).__name__}: {str(err)[:200]}") from None
+    title = document.core_properties.title or None
+    sections: list[Section] = []
+    stack: list[tuple[int, str]] = []
+    buf: list[str] = []
+
+    def flush():
+        if buf:
+            sections.append(Section(headings=[h for _, h in stack], text="\n\n".join(buf)))
+            buf.clear()
+
+    for block in document.iter_inner_content():
+        if isinstance(block, docx.table.Table):
+            for row in block.rows:
+                cells = [c.text.strip() for c in row.cells]
+                if any(cells):
+                    buf.append(" | ".join(cells))
+            continue
+        text = block.text.strip()
+        style = (block.style.name if block.style is not None else "") or ""
+        if not text:
+            continue
+        if style == "Title":
+            title = title or text
+            continue
+        m = re.match(r"Heading (\d)", style)
+        if m:
+            flush()
+            level = int(m.group(1))
+            while stack and stack[-1][0] >= level:
+                stack.pop()
+            stack.append((level, text))
+            continue
+        buf.append(text)
+    flush()
+    return title, sections, None
+
+
+READERS = {"txt": read_txt, "md": read_md, "html": read_html, "pdf": read_pdf, "docx": read_docx}

@@ -1,0 +1,116 @@
+"""Ingest stage: documents folder -> documents.jsonl + chunks.jsonl (+ rejected.jsonl for files that failed).
+
+Each file is parsed and chunked once per (content, settings): the result is cached by hash, so a rerun after a
+kill or after adding files only processes what is new.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from slmforge.console import track
+from slmforge.ingest.chunking import TokenCounter, chunk_document
+from slmforge.ingest.readers import ReadError, read_file
+from slmforge.models import tokenizer_file
+from slmforge.records import Chunk, Document, Rejection
+from slmforge.run import StageContext, Stage, atomic_write_json, atomic_write_jsonl, cached_unit, hash_obj, iter_files, sha256_file
+
+READER_VERSION = "1"
+
+
+class EmptyCorpusError(RuntimeError):
+    pass
+
+
+def _tokenizer_path(recipe) -> Path | None:
+    spec = recipe.base_model if recipe.ingest.tokenizer == "base" else recipe.ingest.tokenizer
+    return tokenizer_file(spec)
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    version = "1"
+
+    def inputs(self, recipe, run):
+        cfg = recipe.ingest
+        root = recipe.documents
+        files = {p.relative_to(root).as_posix(): sha256_file(p) for p in iter_files(root, cfg.include, cfg.exclude)}
+        tok = _tokenizer_path(recipe)
+        return {"files": hash_obj(files), "n_files": str(len(files)), "tokenizer": sha256_file(tok) if tok else "whitespace"}
+
+    def run(self, ctx: StageContext) -> None:
+        cfg, root = ctx.recipe.ingest, ctx.recipe.documents
+        tok_path = _tokenizer_path(ctx.recipe)
+        counter = TokenCounter(tok_path)
+        settings = {
+            "reader": READER_VERSION, "chunk_tokens": cfg.chunk_tokens, "overlap": cfg.chunk_overlap,
+            "min": cfg.min_chunk_tokens, "fallback": cfg.encoding_fallback,
+            "tokenizer": sha256_file(tok_path) if tok_path else None,
+        }
+        cache = ctx.run.cache_dir("ingest")
+        files = list(iter_files(root, cfg.include, cfg.exclude))
+        documents: list[Document] = []
+        chunks: list[Chunk] = []
+        rejected: list[Rejection] = []
+        warnings: list[dict] = []
+
+        for path in track(files, "ingest", total=len(files)):
+            rel = path.relative_to(root).as_posix()
+            size_mb = path.stat().st_size / 1e6
+            if size_mb > cfg.max_file_mb:
+                rejected.append(Rejection(source=rel, reason="file too large", detail=f"{size_mb:.1f} MB > max_file_mb"))
+                continue
+            key = hash_obj({"file": sha256_file(path), "path": rel, **settings})
+            unit = cached_unit(cache, key, lambda: _parse_and_chunk(path, root, counter, cfg))
+            if "rejected" in unit:
+                rejected.append(Rejection.model_validate(unit["rejected"]))
+                continue
+            doc = Document.model_validate(unit["document"])
+            if doc.encoding not in (None, "utf-8"):
+                warnings.append({"source": rel, "warning": f"not UTF-8; decoded as {doc.encoding}"})
+            documents.append(doc)
+            chunks.extend(Chunk.model_validate(c) for c in unit["chunks"])
+
+        if not documents:
+            reasons = Counter(r.reason for r in rejected)
+            detail = f"; {len(rejected)} files rejected ({dict(reasons)})" if rejected else ""
+            raise EmptyCorpusError(
+                f"no readable documents under {root} (looked for {', '.join(cfg.include)}){detail}"
+            )
+
+        atomic_write_jsonl(ctx.out / "documents.jsonl", documents)
+        atomic_write_jsonl(ctx.out / "chunks.jsonl", chunks)
+        atomic_write_jsonl(ctx.out / "rejected.jsonl", rejected)
+        by_format = Counter(d.format for d in documents)
+        ctx.counts.update(
+            files=len(files), documents=len(documents), rejected=len(rejected), chunks=len(chunks),
+            tokens=sum(c.n_tokens for c in chunks), by_format=dict(by_format),
+            rejected_by_reason=dict(Counter(r.reason for r in rejected)), warnings=len(warnings),
+        )
+        atomic_write_json(ctx.out / "report.json", {
+            "counts": ctx.counts,
+            "rejected": [r.model_dump() for r in rejected],
+            "warnings": warnings,
+        })
+
+
+    def summary_rows(self, c: dict) -> list[tuple[str, str]]:
+        return [
+            ("files read", f"{c['files']}"),
+            ("documents", f"{c['documents']}  ({', '.join(f'{k} {v}' for k, v in c['by_format'].items())})"),
+            ("files rejected", f"{c['rejected']}  {c['rejected_by_reason'] or ''}".strip()),
+            ("chunks / tokens", f"{c['chunks']:,} / {c['tokens']:,}"),
+        ]
+
+
+def _parse_and_chunk(path: Path, root: Path, counter: TokenCounter, cfg) -> dict:
+    rel = path.relative_to(root).as_posix()
+    try:
+        doc = read_file(path, root, cfg.encoding_fallback)
+    except ReadError as err:
+        return {"rejected": Rejection(source=rel, reason=err.reason, detail=err.detail).model_dump()}
+    except OSError as err:
+        return {"rejected": Rejection(source=rel, reason="unreadable file", detail=str(err)).model_dump()}
+    chunks = chunk_document(doc, counter, cfg.chunk_tokens, cfg.chunk_overlap, cfg.min_chunk_tokens)
+    return {"document": doc.model_dump(mode="json"), "chunks": [c.model_dump(mode="json") for c in chunks]}
