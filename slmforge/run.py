@@ -162,6 +162,15 @@ class RunDir:
             raise FileNotFoundError(f"{path} is missing: run `slmforge {stage}` first (or `slmforge build`)")
         return path
 
+    def trained_models(self) -> dict[str, Path]:
+        """Finished training stages' model folders, in pipeline order: {"dapt": .../dapt/model, "sft": ..., "dpo": ...}."""
+        out = {}
+        for stage in ("dapt", "sft", "dpo"):
+            folder = self.stage_dir(stage) / "model"
+            if self.manifest(stage) is not None and (folder / "config.json").is_file():
+                out[stage] = folder
+        return out
+
     def execute(self, stage: Stage, recipe: Recipe, *, force: bool = False) -> StageOutcome:
         inputs = stage.inputs(recipe, self)
         config = recipe.stage_config(stage.name)
