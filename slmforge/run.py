@@ -219,17 +219,21 @@ class RunDir:
 
 
 # ------------------------------------------------------------------------------------------ resumable units
-def cached_unit(cache: Path, key: str, compute: Callable[[], Any]) -> Any:
+def cached_unit(cache: Path, key: str, compute: Callable[[], Any], stats: dict | None = None) -> Any:
     """Return the JSON result for `key`, computing and storing it atomically on a miss.
 
     The building block of resume: a stage that processes many units (files, chunks, requests) wraps each in this,
-    so a rerun after a kill recomputes only the units that had not finished.
+    so a rerun after a kill recomputes only the units that had not finished. `stats` counts "cache_hits"/"computed".
     """
     path = cache / key[:2] / f"{key}.json"
     if path.is_file():
+        if stats is not None:
+            stats["cache_hits"] = stats.get("cache_hits", 0) + 1
         return json.loads(path.read_text(encoding="utf-8"))
     result = compute()
     atomic_write_json(path, result)
+    if stats is not None:
+        stats["computed"] = stats.get("computed", 0) + 1
     return result
 
 

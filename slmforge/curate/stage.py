@@ -58,6 +58,81 @@ def _wait_for(executor, timeout_s: float = 24 * 3600) -> None:
         time.sleep(10)
 
 
+def build_pipeline(cfg, seed: int, chunks: list[Chunk], heldout: set[str], work: Path):
+    """The chain of datatrove executors for the curate recipe; `.run()` on the result runs them all in order."""
+    from datatrove.pipeline.dedup import (
+        ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups, MinhashConfig,
+        MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature,
+    )
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    from slmforge.curate.blocks import DomainRelevanceFilter, RedactPII, TagSplit, normalized_text
+
+    tasks = cfg.tasks
+
+    # Shard the input so `tasks` workers have files to share (datatrove readers split by file).
+    shard_dir = work / "input"
+    if not (shard_dir / "DONE").exists():
+        shards = defaultdict(list)
+        for c in chunks:
+            shards[int(c.doc_id, 16) % tasks].append(c.model_dump())
+        for i in range(tasks):
+            atomic_write_jsonl(shard_dir / f"{i:05d}.jsonl", shards.get(i, []))
+        (shard_dir / "DONE").write_text("ok")
+
+    def reader(folder: Path):
+        return JsonlReader(str(folder), compression=None, add_file_path=False, glob_pattern="*.jsonl")
+
+    def excluded(step: str):
+        return JsonlWriter(str(work / "removed" / step), output_filename="${rank}.jsonl", compression=None, adapter=chunk_adapter)
+
+    logs, chain, stage_input = work / "logs", None, shard_dir
+    if cfg.exact_dedup:
+        exact = ExactDedupConfig(content_getter=normalized_text)
+        chain = _executor(cfg, [reader(stage_input), ExactDedupSignature(str(work / "exact/sigs"), config=exact, finder_workers=1)], logs / "exact1", tasks)
+        chain = _executor(cfg, [ExactFindDedups(str(work / "exact/sigs"), str(work / "exact/dups"), config=exact)], logs / "exact2", 1, chain)
+        chain = _executor(cfg, [
+            reader(stage_input), ExactDedupFilter(str(work / "exact/dups"), config=exact, exclusion_writer=excluded("exact_duplicate")),
+            JsonlWriter(str(work / "after_exact"), output_filename="${rank}.jsonl", compression=None, adapter=chunk_adapter),
+        ], logs / "exact3", tasks, chain)
+        stage_input = work / "after_exact"
+
+    final_steps = []
+    if cfg.near_dedup.enabled:
+        mh = MinhashConfig(n_grams=cfg.near_dedup.ngram, num_buckets=cfg.near_dedup.buckets,
+                           hashes_per_bucket=cfg.near_dedup.hashes_per_bucket, seed=seed + 1)
+        chain = _executor(cfg, [reader(stage_input), MinhashDedupSignature(str(work / "minhash/sigs"), config=mh)], logs / "mh1", tasks, chain)
+        chain = _executor(cfg, [MinhashDedupBuckets(str(work / "minhash/sigs"), str(work / "minhash/buckets"), config=mh)], logs / "mh2", mh.num_buckets, chain)
+        chain = _executor(cfg, [MinhashDedupCluster(str(work / "minhash/buckets"), str(work / "minhash/remove"), config=mh)], logs / "mh3", 1, chain)
+        final_steps.append(MinhashDedupFilter(str(work / "minhash/remove"), exclusion_writer=excluded("near_duplicate")))
+
+    q = cfg.quality
+    if q.enabled:
+        final_steps.append(GopherQualityFilter(
+            min_doc_words=q.min_words, max_doc_words=q.max_words, min_avg_word_length=q.min_avg_word_length,
+            max_avg_word_length=q.max_avg_word_length, max_symbol_word_ratio=q.max_symbol_word_ratio,
+            max_bullet_lines_ratio=q.max_bullet_lines_ratio, max_ellipsis_lines_ratio=q.max_ellipsis_lines_ratio,
+            max_non_alpha_words_ratio=q.max_non_alpha_words_ratio, min_stop_words=q.min_stop_words,
+            exclusion_writer=excluded("quality"),
+        ))
+        if q.repetition:
+            final_steps.append(GopherRepetitionFilter(exclusion_writer=excluded("repetition")))
+    if cfg.relevance.enabled:
+        final_steps.append(DomainRelevanceFilter([c.text for c in chunks], cfg.relevance.reference,
+                                                 cfg.relevance.min_relative_score, exclusion_writer=excluded("relevance")))
+    if cfg.pii.enabled:
+        p = cfg.pii
+        final_steps.append(RedactPII(emails=p.emails, phones=p.phones, ips=p.ips, only_public_ips=p.only_public_ips, secrets=p.secrets))
+    final_steps += [
+        TagSplit(heldout),
+        JsonlWriter(str(work / "kept"), output_filename="${split}/${rank}.jsonl", compression=None, adapter=chunk_adapter),
+    ]
+    chain = _executor(cfg, [reader(stage_input), *final_steps], logs / "final", tasks, chain)
+    return chain
+
+
 class CurateStage(Stage):
     name = "curate"
     version = "1"
@@ -69,83 +144,18 @@ class CurateStage(Stage):
         return {"ingest": manifest["outputs"]["chunks.jsonl"], "documents": manifest["outputs"]["documents.jsonl"]}
 
     def run(self, ctx: StageContext) -> None:
-        from datatrove.pipeline.dedup import (
-            ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups, MinhashConfig,
-            MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature,
-        )
-        from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
-        from datatrove.pipeline.readers import JsonlReader
-        from datatrove.pipeline.writers import JsonlWriter
-
-        from slmforge.curate.blocks import DomainRelevanceFilter, RedactPII, TagSplit, heldout_documents, normalized_text
+        from slmforge.curate.blocks import heldout_documents
 
         cfg, seed = ctx.recipe.curate, ctx.recipe.seed
         chunks = read_jsonl(ctx.run.require("ingest", "chunks.jsonl"), Chunk)
         documents = read_jsonl(ctx.run.require("ingest", "documents.jsonl"))
         heldout = heldout_documents([d["id"] for d in documents], cfg.heldout_fraction, seed)
-        work = ctx.scratch
-        tasks = cfg.tasks
-
-        # Shard the input so `tasks` workers have files to share (datatrove readers split by file).
-        shard_dir = work / "input"
-        if not (shard_dir / "DONE").exists():
-            shards = defaultdict(list)
-            for c in chunks:
-                shards[int(c.doc_id, 16) % tasks].append(c.model_dump())
-            for i in range(tasks):
-                atomic_write_jsonl(shard_dir / f"{i:05d}.jsonl", shards.get(i, []))
-            (shard_dir / "DONE").write_text("ok")
-
-        def reader(folder: Path):
-            return JsonlReader(str(folder), compression=None, add_file_path=False, glob_pattern="*.jsonl")
-
-        def excluded(step: str):
-            return JsonlWriter(str(work / "removed" / step), output_filename="${rank}.jsonl", compression=None, adapter=chunk_adapter)
-
-        logs, chain, stage_input = work / "logs", None, shard_dir
-        if cfg.exact_dedup:
-            exact = ExactDedupConfig(content_getter=normalized_text)
-            chain = _executor(cfg, [reader(stage_input), ExactDedupSignature(str(work / "exact/sigs"), config=exact, finder_workers=1)], logs / "exact1", tasks)
-            chain = _executor(cfg, [ExactFindDedups(str(work / "exact/sigs"), str(work / "exact/dups"), config=exact)], logs / "exact2", 1, chain)
-            chain = _executor(cfg, [
-                reader(stage_input), ExactDedupFilter(str(work / "exact/dups"), config=exact, exclusion_writer=excluded("exact_duplicate")),
-                JsonlWriter(str(work / "after_exact"), output_filename="${rank}.jsonl", compression=None, adapter=chunk_adapter),
-            ], logs / "exact3", tasks, chain)
-            stage_input = work / "after_exact"
-
-        final_steps = []
-        if cfg.near_dedup.enabled:
-            mh = MinhashConfig(n_grams=cfg.near_dedup.ngram, num_buckets=cfg.near_dedup.buckets,
-                               hashes_per_bucket=cfg.near_dedup.hashes_per_bucket, seed=seed + 1)
-            chain = _executor(cfg, [reader(stage_input), MinhashDedupSignature(str(work / "minhash/sigs"), config=mh)], logs / "mh1", tasks, chain)
-            chain = _executor(cfg, [MinhashDedupBuckets(str(work / "minhash/sigs"), str(work / "minhash/buckets"), config=mh)], logs / "mh2", mh.num_buckets, chain)
-            chain = _executor(cfg, [MinhashDedupCluster(str(work / "minhash/buckets"), str(work / "minhash/remove"), config=mh)], logs / "mh3", 1, chain)
-            final_steps.append(MinhashDedupFilter(str(work / "minhash/remove"), exclusion_writer=excluded("near_duplicate")))
-
-        q = cfg.quality
-        if q.enabled:
-            final_steps.append(GopherQualityFilter(
-                min_doc_words=q.min_words, max_doc_words=q.max_words, min_avg_word_length=q.min_avg_word_length,
-                max_avg_word_length=q.max_avg_word_length, max_symbol_word_ratio=q.max_symbol_word_ratio,
-                max_bullet_lines_ratio=q.max_bullet_lines_ratio, max_ellipsis_lines_ratio=q.max_ellipsis_lines_ratio,
-                max_non_alpha_words_ratio=q.max_non_alpha_words_ratio, min_stop_words=q.min_stop_words,
-                exclusion_writer=excluded("quality"),
-            ))
-            if q.repetition:
-                final_steps.append(GopherRepetitionFilter(exclusion_writer=excluded("repetition")))
-        if cfg.relevance.enabled:
-            final_steps.append(DomainRelevanceFilter([c.text for c in chunks], cfg.relevance.reference,
-                                                     cfg.relevance.min_relative_score, exclusion_writer=excluded("relevance")))
-        if cfg.pii.enabled:
-            p = cfg.pii
-            final_steps.append(RedactPII(emails=p.emails, phones=p.phones, ips=p.ips, only_public_ips=p.only_public_ips, secrets=p.secrets))
-        final_steps += [
-            TagSplit(heldout),
-            JsonlWriter(str(work / "kept"), output_filename="${split}/${rank}.jsonl", compression=None, adapter=chunk_adapter),
-        ]
-        chain = _executor(cfg, [reader(stage_input), *final_steps], logs / "final", tasks, chain)
+        work, logs = ctx.scratch, ctx.scratch / "logs"
+        chain = build_pipeline(cfg, seed, chunks, heldout, work)
         # datatrove logs every block at INFO on stderr; keep that in a file, the stage report says it shorter.
         from loguru import logger
+
+        resumed = sorted(d.parent.name for d in logs.glob("*/completions") if any(d.iterdir()))
 
         with open(work / "datatrove.log", "a") as log, contextlib.redirect_stderr(log):
             logger.remove()
@@ -159,6 +169,7 @@ class CurateStage(Stage):
             _wait_for(chain)
 
         self._collect(ctx, chunks, heldout, documents)
+        ctx.counts["resumed_steps"] = resumed  # datatrove steps a killed earlier attempt had already finished
 
     def _collect(self, ctx: StageContext, chunks: list[Chunk], heldout: set[str], documents: list[dict]) -> None:
         work, cfg = ctx.scratch, ctx.recipe.curate

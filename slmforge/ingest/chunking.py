@@ -89,6 +89,22 @@ def _units(doc: Document, counter: TokenCounter, limit: int) -> list[Unit]:
     return units
 
 
+def _tail_sentences(unit: Unit, counter: TokenCounter, budget: int) -> Unit | None:
+    sentences = _SENTENCE.split(unit.text) if "\n" not in unit.text.strip() else unit.text.split("\n")
+    sep = " " if "\n" not in unit.text.strip() else "\n"
+    counts = counter.count_many(sentences)
+    taken, used = [], 0
+    for sentence, n in zip(reversed(sentences), reversed(counts)):
+        if used + n + 1 > budget:
+            break
+        taken.insert(0, sentence)
+        used += n + 1
+    if not taken or len(taken) == len(sentences):
+        return None
+    text = sep.join(taken)
+    return Unit(unit.section, unit.headings, text, counter.count_many([text])[0])
+
+
 def chunk_document(doc: Document, counter: TokenCounter, chunk_tokens: int, overlap: int, min_tokens: int) -> list[Chunk]:
     units = _units(doc, counter, chunk_tokens - 1)
     groups: list[list[Unit]] = []
@@ -100,13 +116,15 @@ def chunk_document(doc: Document, counter: TokenCounter, chunk_tokens: int, over
         if current and (used + cost > chunk_tokens or (new_section and used >= chunk_tokens // 2)):
             groups.append(current)
             carried: list[Unit] = []
-            if not new_section and overlap > 0:
+            budget = min(overlap, chunk_tokens - cost)  # the overlap shrinks so the next unit still fits
+            if not new_section and budget > 1:
                 for prev in reversed(current):
-                    if sum(u.tokens + 1 for u in carried) + prev.tokens + 1 > overlap:
+                    if sum(u.tokens + 1 for u in carried) + prev.tokens + 1 > budget:
+                        if not carried:  # the last unit alone is too long: carry its closing sentences
+                            tail = _tail_sentences(prev, counter, budget - 1)
+                            carried = [tail] if tail else []
                         break
                     carried.insert(0, prev)
-                if carried and sum(u.tokens + 1 for u in carried) + cost > chunk_tokens:
-                    carried = []
             current, used = carried, sum(u.tokens + 1 for u in carried)
         current.append(unit)
         used += cost

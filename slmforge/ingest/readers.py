@@ -40,7 +40,7 @@ def read_file(path: Path, root: Path, encoding_fallback: bool = True) -> Documen
         raise ReadError("no text", "the file parsed but contains no text")
     return Document(
         id=doc_id(rel), source=rel, format=fmt, sha256=sha256_bytes(data),
-        title=(title or path.stem).strip()[:300], sections=sections, encoding=encoding,
+        title=" ".join((title or path.stem).split())[:300], sections=sections, encoding=encoding,
     )
 
 

@@ -54,6 +54,7 @@ class IngestStage(Stage):
         chunks: list[Chunk] = []
         rejected: list[Rejection] = []
         warnings: list[dict] = []
+        units: dict[str, int] = {}  # cache hits vs parsed now: shows what a resumed run reused
 
         for path in track(files, "ingest", total=len(files)):
             rel = path.relative_to(root).as_posix()
@@ -62,7 +63,11 @@ class IngestStage(Stage):
                 rejected.append(Rejection(source=rel, reason="file too large", detail=f"{size_mb:.1f} MB > max_file_mb"))
                 continue
             key = hash_obj({"file": sha256_file(path), "path": rel, **settings})
-            unit = cached_unit(cache, key, lambda: _parse_and_chunk(path, root, counter, cfg))
+            try:
+                unit = cached_unit(cache, key, lambda: _parse_and_chunk(path, root, counter, cfg), units)
+            except OSError as err:  # not cached: a permission problem may be fixed before the next run
+                rejected.append(Rejection(source=rel, reason="unreadable file", detail=str(err)))
+                continue
             if "rejected" in unit:
                 rejected.append(Rejection.model_validate(unit["rejected"]))
                 continue
@@ -87,6 +92,7 @@ class IngestStage(Stage):
             files=len(files), documents=len(documents), rejected=len(rejected), chunks=len(chunks),
             tokens=sum(c.n_tokens for c in chunks), by_format=dict(by_format),
             rejected_by_reason=dict(Counter(r.reason for r in rejected)), warnings=len(warnings),
+            files_from_cache=units.get("cache_hits", 0),
         )
         atomic_write_json(ctx.out / "report.json", {
             "counts": ctx.counts,
@@ -110,7 +116,5 @@ def _parse_and_chunk(path: Path, root: Path, counter: TokenCounter, cfg) -> dict
         doc = read_file(path, root, cfg.encoding_fallback)
     except ReadError as err:
         return {"rejected": Rejection(source=rel, reason=err.reason, detail=err.detail).model_dump()}
-    except OSError as err:
-        return {"rejected": Rejection(source=rel, reason="unreadable file", detail=str(err)).model_dump()}
     chunks = chunk_document(doc, counter, cfg.chunk_tokens, cfg.chunk_overlap, cfg.min_chunk_tokens)
     return {"document": doc.model_dump(mode="json"), "chunks": [c.model_dump(mode="json") for c in chunks]}

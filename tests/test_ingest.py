@@ -1,0 +1,232 @@
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from slmforge.ingest.chunking import TokenCounter, chunk_document
+from slmforge.ingest.readers import ReadError, read_file
+from slmforge.models import tokenizer_file
+from slmforge.recipe import load_recipe
+from slmforge.run import RunDir
+
+from conftest import DEMO_DOCS, paragraph, write_recipe
+
+
+@pytest.fixture(scope="module")
+def counter():
+    return TokenCounter(tokenizer_file("default"))
+
+
+def _read(path: Path, **kw):
+    return read_file(path, path.parent, **kw)
+
+
+# ------------------------------------------------------------------------------------------ readers
+def test_txt_keeps_paragraphs_and_provenance(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("Vacuum basics\n\nFirst paragraph.\r\n\r\n\r\n\r\nSecond paragraph.\n")
+    doc = _read(f)
+    assert doc.title == "Vacuum basics" and doc.format == "txt" and doc.source == "a.txt"
+    assert doc.sections[0].text == "Vacuum basics\n\nFirst paragraph.\n\nSecond paragraph."
+    assert len(doc.sha256) == 64 and len(doc.id) == 16
+
+
+def test_markdown_heading_paths_ignore_code_fences(tmp_path):
+    f = tmp_path / "g.md"
+    f.write_text("# Guide\n\nintro\n\n## Install\n\nsteps\n\n```\n# not a heading\n```\n\n### Linux\n\napt\n\n## Use\n\nrun it\n\nSetext\n======\n\nbody\n")
+    doc = _read(f)
+    paths = [s.headings for s in doc.sections]
+    assert paths == [["Guide"], ["Guide", "Install"], ["Guide", "Install", "Linux"], ["Guide", "Use"], ["Setext"]]
+    assert "# not a heading" in doc.sections[1].text
+    assert doc.title == "Guide"
+
+
+def test_html_drops_navigation_and_keeps_structure():
+    doc = _read(DEMO_DOCS / "tutorial-table.html")
+    assert doc.title == "2.3. Creating a New Table"
+    text = doc.text
+    assert "Prev" not in text.split()[:5] and "Next" not in text.split()[-3:]  # navheader/navfooter removed
+    assert "CREATE TABLE weather (\n    city            varchar(80)," in text  # <pre> whitespace kept
+    assert "You can enter this into psql with the line breaks." in text  # inline <code> joined into the sentence
+    numeric = _read(DEMO_DOCS / "datatype-numeric.html")
+    assert ["8.1. Numeric Types", "8.1.1. Integer Types"] in [s.headings for s in numeric.sections]
+    assert "smallint | 2 bytes | small-range integer | -32768 to +32767" in numeric.text  # table rows
+
+
+def _pdf_bytes(pages: list[str], encrypt: str | None = None, outline: bool = True) -> bytes:
+    from pypdf import PdfReader, PdfWriter
+    from reportlab.pdfgen import canvas
+
+    buf = io.BytesIO()
+    c = canvas.Canvas(buf)
+    c.setTitle("Ops Manual")
+    for i, text in enumerate(pages):
+        if outline:
+            c.bookmarkPage(f"p{i}")
+            c.addOutlineEntry(f"Chapter {i + 1}", f"p{i}", level=0)
+        y = 800
+        for line in text.split("\n"):
+            c.drawString(72, y, line)
+            y -= 14
+        c.showPage()
+    c.save()
+    if encrypt is None:
+        return buf.getvalue()
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(buf.getvalue())))
+    writer.encrypt(encrypt)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def test_pdf_text_outline_and_bad_pdfs(tmp_path):
+    good = tmp_path / "manual.pdf"
+    good.write_bytes(_pdf_bytes(["Checkpoints flush dirty pages.", "Replication streams WAL records."]))
+    doc = _read(good)
+    assert doc.title == "Ops Manual" and doc.format == "pdf"
+    assert [s.headings for s in doc.sections] == [["Chapter 1"], ["Chapter 2"]]
+    assert "WAL records" in doc.sections[1].text
+
+    locked = tmp_path / "locked.pdf"
+    locked.write_bytes(_pdf_bytes(["secret"], encrypt="hunter2"))
+    with pytest.raises(ReadError) as err:
+        _read(locked)
+    assert err.value.reason == "encrypted PDF"
+
+    corrupt = tmp_path / "corrupt.pdf"
+    corrupt.write_bytes(b"%PDF-1.4\n" + b"\x8f garbage \x00" * 50)
+    with pytest.raises(ReadError) as err:
+        _read(corrupt)
+    assert err.value.reason == "corrupt PDF"
+
+    not_pdf = tmp_path / "fake.pdf"
+    not_pdf.write_text("hello, I am text")
+    with pytest.raises(ReadError, match="no %PDF header"):
+        _read(not_pdf)
+
+
+def test_docx_headings_tables_and_corrupt(tmp_path):
+    import docx
+
+    d = docx.Document()
+    d.add_heading("Runbook", level=0)
+    d.add_heading("Backups", level=1)
+    d.add_paragraph("Take a base backup nightly.")
+    d.add_heading("Restore", level=2)
+    d.add_paragraph("Replay WAL up to the target time.")
+    table = d.add_table(rows=2, cols=2)
+    table.cell(0, 0).text, table.cell(0, 1).text = "tool", "purpose"
+    table.cell(1, 0).text, table.cell(1, 1).text = "pg_basebackup", "copies the cluster"
+    f = tmp_path / "run.docx"
+    d.save(f)
+    doc = _read(f)
+    assert doc.title == "Runbook"
+    assert [s.headings for s in doc.sections] == [["Backups"], ["Backups", "Restore"]]
+    assert "pg_basebackup | copies the cluster" in doc.sections[1].text
+
+    bad = tmp_path / "bad.docx"
+    bad.write_bytes(b"PK\x03\x04 this is not really a zip")
+    with pytest.raises(ReadError) as err:
+        _read(bad)
+    assert err.value.reason == "corrupt DOCX"
+
+
+def test_binary_empty_and_encoding(tmp_path):
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ReadError) as err:
+        _read(binary)
+    assert err.value.reason == "binary file"
+
+    empty = tmp_path / "empty.md"
+    empty.write_text("  \n\n ")
+    with pytest.raises(ReadError) as err:
+        _read(empty)
+    assert err.value.reason == "empty file"
+
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Café crème: la réplication synchrone garantit la durabilité des données validées.".encode("cp1252"))
+    doc = _read(latin)
+    assert "réplication" in doc.text and doc.encoding not in (None, "utf-8")
+    with pytest.raises(ReadError) as err:
+        _read(latin, encoding_fallback=False)
+    assert err.value.reason == "not UTF-8"
+
+
+# ------------------------------------------------------------------------------------------ chunking
+def test_chunks_respect_token_bound_overlap_and_headings(tmp_path, counter):
+    f = tmp_path / "long.md"
+    body = "\n\n".join(paragraph(i, 3) for i in range(12))
+    f.write_text(f"# Big\n\n{body}\n\n## Tiny\n\nshort note.\n\n## Other\n\n" + "\n\n".join(paragraph(50 + i, 3) for i in range(6)))
+    doc = _read(f)
+    chunks = chunk_document(doc, counter, chunk_tokens=256, overlap=60, min_tokens=10)
+    assert len(chunks) > 5
+    assert all(c.n_tokens <= 256 for c in chunks)
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    # exact token counts are recorded
+    assert [c.n_tokens for c in chunks] == counter.count_many([c.text for c in chunks])
+    # neighbours inside one section share text (overlap); no chunk starts mid-heading path of another section
+    big = [c for c in chunks if c.headings == ["Big"]]
+    assert len(big) > 3
+    for a, b in zip(big, big[1:]):
+        assert b.text[:60] in a.text, "consecutive chunks of one section should overlap"
+    # a heading line starts the chunk that opens a new section (unless merged into a small previous chunk)
+    other = [c for c in chunks if c.headings == ["Big", "Other"] or "## Other" in c.text]
+    assert other and other[0].text.lstrip().startswith(("## Other", "## Tiny"))
+    # every paragraph survives chunking
+    joined = "\n\n".join(c.text for c in chunks)
+    for i in range(12):
+        assert paragraph(i, 3)[:80] in joined
+
+
+def test_oversized_paragraph_and_code_are_split(tmp_path, counter):
+    f = tmp_path / "huge.txt"
+    code = "\n".join(f"SELECT {i} AS col_{i}, 'value {i}' FROM generate_series(1, {i});" for i in range(120))
+    f.write_text(paragraph(1, 40) + "\n\n" + code)
+    doc = _read(f)
+    chunks = chunk_document(doc, counter, chunk_tokens=128, overlap=0, min_tokens=8)
+    assert all(c.n_tokens <= 128 for c in chunks)
+    assert any("SELECT 7 AS col_7" in c.text for c in chunks)
+    code_chunks = [c for c in chunks if "generate_series" in c.text]
+    joined = "".join(c.text for c in code_chunks)
+    # code lines stay single-newline separated (only the first follows the prose paragraph break)
+    assert re.findall(r"\n\nSELECT (\d+) ", joined) in ([], ["0"])
+    assert "SELECT 7 AS col_7, 'value 7' FROM generate_series(1, 7);\nSELECT 8 AS" in joined
+
+
+# ------------------------------------------------------------------------------------------ stage
+def test_ingest_stage_lists_bad_files_and_continues(tmp_path, corpus):
+    (corpus / "blob.txt").write_bytes(b"\x00\x01\x02" * 100)
+    (corpus / "empty.txt").write_text("")
+    (corpus / "bad.pdf").write_bytes(b"%PDF-1.7 broken")
+    (corpus / "image.png").write_bytes(b"\x89PNG")  # not an included pattern: ignored, not an error
+    recipe = load_recipe(write_recipe(tmp_path, corpus))
+    from slmforge.ingest.stage import IngestStage
+
+    outcome = RunDir(recipe.run_path).execute(IngestStage(), recipe)
+    counts = outcome.manifest["counts"]
+    assert counts["documents"] == 12 and counts["rejected"] == 3
+    assert counts["rejected_by_reason"] == {"binary file": 1, "empty file": 1, "corrupt PDF": 1}
+    report = json.loads((recipe.run_path / "ingest" / "report.json").read_text())
+    assert {r["source"] for r in report["rejected"]} == {"blob.txt", "empty.txt", "bad.pdf"}
+    chunks = [json.loads(line) for line in (recipe.run_path / "ingest" / "chunks.jsonl").read_text().splitlines()]
+    assert {c["source"] for c in chunks} >= {"guides/guide0.md", "note00.txt"}
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(recipe.run_path / "ingest" / "chunks.jsonl"), split="train")
+    assert ds.num_rows == len(chunks) and "text" in ds.column_names
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "only.bin.txt").write_bytes(b"\x00" * 64)
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+
+    result = CliRunner().invoke(app, ["ingest", str(write_recipe(tmp_path, docs))])
+    assert result.exit_code == 1
+    assert "no readable documents under" in result.output and "binary file" in result.output

@@ -1,0 +1,102 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slmforge.recipe import STARTER, RecipeError, build_recipe, load_recipe
+
+from conftest import REPO, write_recipe
+
+
+def test_unknown_key_names_file_field_and_suggests(tmp_path, corpus):
+    path = write_recipe(tmp_path, corpus, curate={"heldout_fracton": 0.2})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "unknown key 'curate.heldout_fracton'" in msg
+    assert "did you mean 'heldout_fraction'" in msg
+
+
+def test_wrong_type_and_range_are_reported_together(tmp_path, corpus):
+    path = write_recipe(tmp_path, corpus, ingest={"chunk_tokens": "many"}, curate={"heldout_fraction": 1.5})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert "2 problems" in msg
+    assert "field 'ingest.chunk_tokens'" in msg and "'many'" in msg
+    assert "field 'curate.heldout_fraction'" in msg and "less than 1" in msg
+
+
+def test_missing_documents_folder_and_missing_name(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"documents": "nowhere"}))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert "missing required field 'name'" in msg
+    assert "field 'documents'" in msg and "does not exist" in msg and "nowhere" in msg
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(RecipeError, match="must be a YAML mapping"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+def test_cross_field_check(tmp_path, corpus):
+    path = write_recipe(tmp_path, corpus, ingest={"chunk_tokens": 64, "chunk_overlap": 64})
+    with pytest.raises(RecipeError, match="chunk_overlap .* must be smaller than chunk_tokens"):
+        load_recipe(path)
+
+
+def test_layers_preset_then_yaml_then_overrides(tmp_path, corpus):
+    path = write_recipe(tmp_path, corpus, preset="gpu", ingest={"chunk_overlap": 100})
+    recipe = load_recipe(path, overrides=["curate.heldout_fraction=0.3", "ingest.exclude=[drafts/*]"])
+    assert recipe.ingest.chunk_tokens == 1024  # from the gpu preset
+    assert recipe.ingest.chunk_overlap == 100  # the YAML wins over the preset
+    assert recipe.curate.heldout_fraction == 0.3  # the CLI wins over the YAML
+    assert recipe.ingest.exclude == ["drafts/*"]
+    assert recipe.documents == corpus.resolve()
+    with pytest.raises(RecipeError, match="must look like key.path=value"):
+        load_recipe(path, overrides=["nonsense"])
+
+
+def test_relative_paths_resolve_against_the_recipe_file(tmp_path, corpus):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "documents": "../docs"}))
+    recipe = load_recipe(path)
+    assert recipe.documents == corpus.resolve()
+    assert recipe.run_path == (tmp_path / "sub" / "runs" / "x").resolve()
+
+
+@pytest.mark.parametrize("recipe_path", sorted(REPO.glob("examples/*/recipe.yaml")), ids=lambda p: p.parent.name)
+def test_every_shipped_recipe_loads(recipe_path):
+    recipe = load_recipe(recipe_path)
+    assert recipe.enabled_stages()[:2] == ["ingest", "curate"]
+
+
+def test_starter_recipe_is_valid(tmp_path, corpus):
+    data = yaml.safe_load(STARTER.format(name="starter", documents=str(corpus)))
+    recipe = build_recipe(data, source="starter")
+    assert recipe.name == "starter" and recipe.curate.pii.enabled
+
+
+def test_init_command_writes_a_loadable_recipe(tmp_path, corpus):
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+
+    target = tmp_path / "new.yaml"
+    result = CliRunner().invoke(app, ["init", str(target), "--documents", str(corpus)])
+    assert result.exit_code == 0, result.output
+    assert load_recipe(target).documents == corpus.resolve()
+    again = CliRunner().invoke(app, ["init", str(target)])
+    assert again.exit_code == 1  # never overwrites

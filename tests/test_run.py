@@ -1,0 +1,148 @@
+"""Run directory behaviour: skip unchanged stages, atomic writes, and kill -9 -> resume -> identical output."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slmforge.recipe import load_recipe
+from slmforge.run import RunDir, atomic_write_bytes, sha256_file
+
+from conftest import paragraph, write_recipe
+
+
+def _stages():
+    from slmforge.curate.stage import CurateStage
+    from slmforge.ingest.stage import IngestStage
+
+    return IngestStage(), CurateStage()
+
+
+def test_unchanged_inputs_skip_and_changed_inputs_rerun(recipe_file, corpus):
+    recipe = load_recipe(recipe_file)
+    run = RunDir(recipe.run_path)
+    ingest, curate = _stages()
+    first = [run.execute(ingest, recipe), run.execute(curate, recipe)]
+    assert not any(o.skipped for o in first)
+    manifest = first[0].manifest
+    assert manifest["versions"]["datatrove"] and manifest["seed"] == 0 and manifest["outputs"]["chunks.jsonl"]
+    assert manifest["config"]["stage"]["chunk_tokens"] == recipe.ingest.chunk_tokens
+
+    (corpus / "note00.txt").touch()  # same content, new mtime: still unchanged
+    again = [run.execute(ingest, recipe), run.execute(curate, recipe)]
+    assert all(o.skipped for o in again)
+
+    (corpus / "note00.txt").write_text(paragraph(999))  # new content: both stages rerun
+    changed = [run.execute(ingest, recipe), run.execute(curate, recipe)]
+    assert not any(o.skipped for o in changed)
+
+    other = load_recipe(recipe_file, overrides=["curate.heldout_fraction=0.5"])  # new settings: only curate reruns
+    assert run.execute(ingest, other).skipped and not run.execute(curate, other).skipped
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "a.json"
+    atomic_write_bytes(target, b"old")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left behind
+
+
+# A harness that makes one step hang, so the kill lands mid-stage deterministically.
+HARNESS = r"""
+import sys, time
+mode = sys.argv[1]
+if mode == "ingest":
+    import slmforge.ingest.stage as ingest
+    real, calls = ingest._parse_and_chunk, [0]
+    def slow(*a, **k):
+        calls[0] += 1
+        if calls[0] > 40:
+            time.sleep(600)
+        return real(*a, **k)
+    ingest._parse_and_chunk = slow
+elif mode == "curate":
+    import datatrove.pipeline.dedup.minhash as minhash
+    def hang(self, data=None, rank=0, world_size=1):
+        time.sleep(600)
+    minhash.MinhashDedupBuckets.run = hang
+from slmforge.cli import app
+sys.argv = ["slmforge", "build", *sys.argv[2:]]
+app()
+"""
+
+
+def _cli(*args, harness: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "SLMFORGE_QUIET": "1"}
+    cmd = [sys.executable, "-c", HARNESS, harness, *args] if harness else [sys.executable, "-m", "slmforge.cli", "build", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait_for(condition, proc, timeout=120):
+    start = time.time()
+    while not condition():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() - start < timeout, "timed out waiting for the stage to make progress"
+        time.sleep(0.05)
+
+
+def _outputs(run_root: Path) -> dict[str, str]:
+    files = sorted(p for stage in ("ingest", "curate") for p in (run_root / stage).rglob("*.jsonl"))
+    return {p.relative_to(run_root).as_posix(): sha256_file(p) for p in files}
+
+
+def test_kill_9_then_resume_gives_identical_output(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(120):
+        (docs / f"d{i:03d}.txt").write_text(f"Doc {i}\n\n{paragraph(i, 4)}\n\n{paragraph(i + 1000, 4)}\n")
+    recipe_path = write_recipe(tmp_path, docs, ingest={"chunk_tokens": 128, "chunk_overlap": 16})
+
+    reference = _cli(str(recipe_path), "--set", f"run_dir={tmp_path / 'reference'}")
+    assert reference.wait(timeout=300) == 0, reference.stdout.read().decode()[-3000:]
+    expected = _outputs(tmp_path / "reference" / "t")
+    assert len(expected) >= 5
+
+    run_root = tmp_path / "runs" / "t"
+    # 1) killed in the middle of ingest, after 40 of 120 files were parsed and cached
+    cache = run_root / "cache" / "ingest"
+    proc = _cli(str(recipe_path), harness="ingest")
+    _wait_for(lambda: cache.is_dir() and len(list(cache.rglob("*.json"))) >= 40, proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_root / "ingest" / "manifest.json").exists()
+    cached = {p: p.stat().st_mtime_ns for p in cache.rglob("*.json")}
+    assert len(cached) == 40
+
+    # 2) the rerun resumes ingest, then is killed in the middle of curate (MinHash bucketing hangs)
+    proc = _cli(str(recipe_path), harness="curate")
+    done_marker = lambda: any(run_root.glob(".work/curate-*/scratch/logs/mh1/completions/*"))  # noqa: E731
+    _wait_for(done_marker, proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run_root / "ingest" / "manifest.json").exists() and not (run_root / "curate" / "manifest.json").exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in cached.items()), "resumed ingest re-parsed finished files"
+
+    # 3) an unhindered rerun finishes from where curate stopped, with byte-identical artifacts
+    proc = _cli(str(recipe_path))
+    assert proc.wait(timeout=300) == 0, proc.stdout.read().decode()[-3000:]
+    assert _outputs(run_root) == expected
+    import json
+
+    ingest_counts = json.loads((run_root / "ingest" / "manifest.json").read_text())["counts"]
+    assert ingest_counts["files_from_cache"] == 40  # the parsed files of the killed attempt were reused
+    curate_counts = json.loads((run_root / "curate" / "manifest.json").read_text())["counts"]
+    assert {"exact1", "exact2", "exact3", "mh1"} <= set(curate_counts["resumed_steps"])  # finished steps not redone
+    assert not list(run_root.glob(".work/curate-*")), "scratch space is cleaned up after success"
