@@ -33,11 +33,15 @@ TRACKED_PACKAGES = ("slmforge", "torch", "transformers", "tokenizers", "datatrov
 
 
 # ------------------------------------------------------------------------------------------ atomic I/O
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are meant to be shared like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

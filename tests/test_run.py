@@ -47,6 +47,9 @@ def test_unchanged_inputs_skip_and_changed_inputs_rerun(recipe_file, corpus):
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "a.json"
     atomic_write_bytes(target, b"old")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file, not mkstemp's 0600
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
