@@ -121,9 +121,31 @@ def eval_(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: b
 
 
 @app.command()
+def report(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt):
+    """Re-render runs/<name>/report.html from the run's manifests and eval results (the eval stage writes it too)."""
+    from slmforge.report import write_report
+
+    console.print(f"report → {write_report(RunDir(_load(recipe, set_).run_path))}")
+
+
+@app.command()
 def export(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
     """Merged safetensors folder, GGUF, Ollama Modelfile and model card."""
     run_stages(recipe, ["export"], set_, force)
+
+
+@app.command()
+def serve(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt,
+          host: Optional[str] = typer.Option(None, help="overrides serve.host"),
+          port: Optional[int] = typer.Option(None, help="overrides serve.port")):
+    """OpenAI-compatible server (chat, completions, streaming, JSON schema) with small-first routing to a fallback."""
+    try:
+        from slmforge.serve.app import serve as run_server
+    except ImportError as err:
+        console.print(f"[red]error:[/red] {err.name} is not installed: pip install 'slmforge[serve]'", highlight=False)
+        raise typer.Exit(1) from None
+    overrides = list(set_ or []) + ([f"serve.host={host}"] if host else []) + ([f"serve.port={port}"] if port is not None else [])
+    run_server(_load(recipe, overrides))
 
 
 @app.command()

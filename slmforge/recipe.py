@@ -108,31 +108,225 @@ class CurateConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------- generate
+from pydantic import SecretStr  # noqa: E402  (generate section only)
+
+GENERATE_KINDS = ("rephrase", "qa", "mcq", "cloze", "summary", "preference")
+
+
+class TeacherConfig(Section):
+    """Who writes the model-written items. The key is never stored in manifests (excluded from dumps)."""
+
+    backend: Literal["transformers", "openai", "llamacpp", "none"] = Field(
+        "transformers", description="transformers = in-process; openai = any OpenAI-compatible server; none = extractive only"
+    )
+    model: str = Field("base", description="'base' = the recipe's base_model (self-specialization), or a model id / folder / .gguf")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (env SLMFORGE_TEACHER_BASE_URL)")
+    api_key: SecretStr | None = Field(None, exclude=True, description="prefer api_key_env; never written to manifests or logs")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    concurrency: int = Field(4, ge=1, description="requests in flight at once (openai backend)")
+    timeout_s: float = Field(60.0, gt=0, description="per-request timeout (openai backend)")
+    max_retries: int = Field(3, ge=0, description="retries with exponential backoff on 5xx, timeouts and malformed replies")
+    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles on each retry")
+    batch_size: int = Field(8, ge=1, description="sequences generated together (transformers backend)")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    max_new_tokens: int = Field(128, ge=1, le=8192)
+
+
+class GenerateVerifyConfig(Section):
+    min_grounding: float = Field(0.6, ge=0, le=1, description="share of an answer's content words that must occur in its passage")
+    min_question_grounding: float = Field(0.3, ge=0, le=1, description="same, for a question")
+    near_duplicate: float = Field(0.8, gt=0, le=1, description="word 5-gram Jaccard at or above which an item is a duplicate")
+    heldout_ngram: int = Field(13, ge=4, description="reject items sharing an n-gram of this many words with held-out text")
+    min_answer_words: int = Field(1, ge=1)
+    max_answer_words: int = Field(400, ge=1)
+    max_copy: float = Field(0.9, gt=0, le=1, description="summaries/rephrasings copying this share of the passage's 8-grams are rejected")
+
+
 class GenerateConfig(Section):
     enabled: bool = False
+    kinds: list[Literal["rephrase", "qa", "mcq", "cloze", "summary", "preference"]] = Field(
+        default_factory=lambda: list(GENERATE_KINDS), description="item kinds to produce"
+    )
+    extractive: bool = Field(True, description="deterministic items from every chunk (cloze, term MCQ, definitions, term-swap preference)")
+    extractive_per_chunk: int = Field(2, ge=0, description="extractive items per kind per chunk (at most)")
+    teacher_kinds: list[Literal["rephrase", "qa", "mcq", "summary", "preference"]] = Field(
+        default_factory=lambda: ["qa", "summary", "rephrase", "preference"],
+        description="kinds the teacher writes (when also in kinds); add mcq for a strong teacher, small ones rarely get its format right",
+    )
+    max_chunks: int = Field(24, ge=0, description="chunks sent to the teacher (0 = all); extractive items use every chunk")
+    items_per_chunk: int = Field(1, ge=1, description="model-written items per kind per chunk")
+    topics: list[str] = Field(default_factory=list, description="optional topics the teacher's questions should focus on")
+    seed_examples: list[dict[str, str]] = Field(
+        default_factory=list, description="optional example {question, answer} pairs shown to the teacher"
+    )
+    max_passage_words: int = Field(300, ge=20, description="passages are cut to this many words in teacher prompts")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    verify: GenerateVerifyConfig = Field(default_factory=GenerateVerifyConfig)
 
 
 # --------------------------------------------------------------------------------------------- train
-class DaptConfig(Section):
+class LoraSettings(Section):
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="module names, or 'all-linear'")
+
+
+class TrainSection(Section):
+    """Settings shared by the three training stages (DAPT, SFT, DPO)."""
+
     enabled: bool = False
+    method: Literal["full", "lora"] = Field("full", description="full fine-tune, or LoRA adapters merged into model/ at the end")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    learning_rate: float = Field(5e-5, gt=0)
+    max_steps: int = Field(12, ge=1, description="optimizer steps (the training budget)")
+    batch_size: int = Field(4, ge=1, description="sequences per device per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_length: int = Field(256, ge=16, description="tokens per packed block / per example")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    save_steps: int = Field(4, ge=1, description="checkpoint every N steps; a killed run resumes from the last one")
+    logging_steps: int = Field(1, ge=1)
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="transformers report_to integrations")
+    gradient_checkpointing: bool | None = Field(None, description="None = device default (off on CPU: ~9x slower there)")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast on GPUs and AMX CPUs, fp32 elsewhere (weights stay fp32 on CPU)")
+    processes: int = Field(1, ge=1, description=">1 = run under `accelerate launch` with this many processes (DDP; gloo on CPU)")
+    accelerate_config: Path | None = Field(None, description="accelerate config YAML (FSDP/DeepSpeed on GPUs); implies accelerate launch")
 
 
-class SftConfig(Section):
-    enabled: bool = False
+class DaptConfig(TrainSection):
+    learning_rate: float = Field(1e-4, gt=0)
+    domain_ratio: float = Field(0.8, gt=0, le=1, description="share of training tokens from domain text; the rest is general replay")
+    synthetic: bool = Field(True, description="add generate/pretrain.jsonl rephrasings to the domain text when present")
+    general_dataset: Path | None = Field(None, description="general replay text (.jsonl with 'text', or .txt); None = self-synthesized")
+    replay_samples: int = Field(8, ge=1, description="self-synthesized replay: texts sampled from the base model (cached per model)")
+    replay_max_new_tokens: int = Field(96, ge=8)
+    replay_temperature: float = Field(0.8, ge=0)
+    upsample_last: float = Field(0.0, ge=0, lt=1, description="final share of steps that use upsample_ratio (0 = off)")
+    upsample_ratio: float = Field(1.0, gt=0, le=1, description="domain share during the final upsampling phase")
+    lr_schedule: Literal["wsd", "cosine", "linear", "constant"] = Field("wsd", description="wsd = warmup-stable-decay")
+    decay_ratio: float = Field(0.2, gt=0, lt=1, description="share of steps in the decay phase (wsd)")
 
 
-class DpoConfig(Section):
-    enabled: bool = False
+class SftConfig(TrainSection):
+    learning_rate: float = Field(5e-5, gt=0)
+    packing: bool = Field(True, description="BFD packing, padding-free, no attention across examples")
+    assistant_only_loss: bool = Field(True, description="loss on assistant tokens only")
+
+
+class DpoConfig(TrainSection):
+    learning_rate: float = Field(1e-5, gt=0)
+    max_steps: int = Field(8, ge=1)
+    batch_size: int = Field(2, ge=1, description="preference pairs per device per micro-batch")
+    max_length: int = Field(192, ge=16, description="prompt + completion tokens")
+    beta: float = Field(0.1, gt=0)
+    loss_type: str = Field("sigmoid", description="TRL DPO loss type")
+    precompute_ref: bool = Field(True, description="reference log-probs computed once up front (no second model in memory)")
 
 
 # --------------------------------------------------------------------------------------------- eval
+class DecontaminationConfig(Section):
+    ngram: int = Field(8, ge=3, description="word n-gram length compared against every training artifact")
+    max_overlap: float = Field(0.3, gt=0, le=1, description="items with at least this share of n-grams seen in training are dropped")
+
+
 class EvalConfig(Section):
     enabled: bool = False
+    kinds: list[Literal["mcq", "cloze", "qa", "summary"]] = Field(
+        default_factory=lambda: ["mcq", "cloze", "qa", "summary"], description="benchmark formats built from held-out chunks"
+    )
+    items: dict[str, int] = Field(
+        default_factory=lambda: {"mcq": 60, "cloze": 40, "qa": 30, "summary": 15},
+        description="items per benchmark kind (at most; fewer when the held-out split yields fewer)",
+    )
+    extractive_per_chunk: int = Field(2, ge=0, description="extractive candidates per kind per held-out chunk")
+    teacher: bool = Field(True, description="let generate.teacher write qa/summary/mcq items too (verified like training data)")
+    teacher_chunks: int = Field(16, ge=0, description="held-out chunks sent to the teacher (0 = all)")
+    teacher_kinds: list[Literal["mcq", "qa", "summary"]] = Field(
+        default_factory=lambda: ["qa", "summary"], description="kinds the teacher writes (the rest are extractive only)"
+    )
+    decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
+    perplexity_words: int = Field(3000, ge=0, description="words of held-out documents scored for perplexity (0 = skip)")
+    general: bool = Field(True, description="forgetting check: general MCQ + general-text perplexity, as change from base")
+    general_mcq_items: int = Field(59, ge=0, le=59, description="general-knowledge questions (MMLU dev slice, shipped)")
+    general_text_words: int = Field(2300, ge=0, description="words of general text scored for perplexity")
+    max_new_tokens: dict[str, int] = Field(
+        default_factory=lambda: {"cloze": 8, "qa": 48, "summary": 64}, description="generation budget per generative kind"
+    )
+    models: list[Literal["base", "dapt", "sft", "dpo"]] = Field(
+        default_factory=lambda: ["base", "dapt", "sft", "dpo"], description="which models to score (trained ones when present)"
+    )
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size")
+    chat_template: bool = Field(False, description="wrap prompts in the model's chat template (lm-eval apply_chat_template)")
+    samples: int = Field(4, ge=0, description="held-out questions whose generations the report shows, base vs each stage")
 
 
 # --------------------------------------------------------------------------------------------- export
 class ExportConfig(Section):
     enabled: bool = False
+    source: str = Field("auto", description="'auto' = the last trained model (dpo > sft > dapt), else the base model; "
+                        "or 'base', a model folder, or a peft adapter folder (merged onto its base)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the exported safetensors")
+    gguf: list[Literal["f32", "f16", "bf16", "q8_0", "Q4_K_M"]] = Field(
+        default_factory=lambda: ["f16", "q8_0", "Q4_K_M"],
+        description="GGUF files to write (Q4_K_M only when llama.cpp's quantizer is installed); [] = none",
+    )
+    llama_cpp: str = Field("auto", description="llama.cpp converter: 'auto' = cached, fetched once from the llama-cpp-python "
+                           "sdist on PyPI with pip; or a folder with convert_hf_to_gguf.py, or a llama_cpp_python-*.tar.gz")
+    verify_prompts: list[str] = Field(
+        default_factory=lambda: ["What is this documentation about?", "Explain the most important concept in one sentence.",
+                                 "Give a short example of how to use it."],
+        description="chat prompts whose greedy outputs are compared between the HF folder and each GGUF",
+    )
+    verify_tokens: int = Field(24, ge=1, le=512, description="greedy tokens compared per prompt")
+    ollama_gguf: Literal["f32", "f16", "bf16", "q8_0", "Q4_K_M"] = Field("q8_0", description="GGUF the Ollama Modelfile uses when written")
+    license: str = Field("", description="licence the exported model is released under ('' = the base model's)")
+    base_model_license: str = Field("auto", description="'auto' = read from the base model's package or folder")
+    corpus_license: str = Field("", description="licence name of the documents, e.g. 'PostgreSQL' or 'CC-BY-4.0'")
+    corpus_license_file: str = Field("auto", description="'auto' = LICENSE*/LICENCE*/COPYING* in the documents folder or its "
+                                     "parent; or a path (relative to the documents folder); '' = none")
+
+
+# --------------------------------------------------------------------------------------------- serve (not a stage)
+class RoutingConfig(Section):
+    """Small-first routing: the specialist answers unless it is unsure or breaks the requested schema."""
+
+    fallback_url: str = Field("", description="OpenAI-compatible base URL (…/v1) of the fallback model; '' = no fallback")
+    fallback_model: str = Field("", description="model name sent to the fallback endpoint")
+    fallback_api_key_env: str = Field("", description="environment variable holding the fallback's API key")
+    confidence: Literal["mean_logprob", "min_logprob"] = Field("mean_logprob", description="how answer confidence is measured")
+    threshold: float = Field(-1.0, le=0, description="answers with confidence below this go to the fallback")
+    fallback_on_invalid_schema: bool = Field(True, description="re-send when the answer fails the requested JSON schema")
+    specialist_cost_per_mtok: float = Field(0.0, ge=0, description="cost per million tokens (prompt + completion)")
+    fallback_cost_per_mtok: float = Field(1.0, ge=0, description="cost per million tokens at the fallback")
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model: str = Field("auto", description="'auto' = this run's export/model, else its last trained model, else base_model; "
+                       "or a folder, an HF id, a .gguf, 'default'")
+    model_name: str = Field("", description="name clients see in /v1/models ('' = the recipe name)")
+    backend_url: str = Field("", description="'' = the model runs in process (transformers); or the OpenAI-compatible base URL "
+                             "(…/v1) of a llama.cpp server / vLLM serving the specialist (router mode)")
+    backend_model: str = Field("", description="model name sent to backend_url ('' = model_name)")
+    backend_api_key_env: str = Field("", description="environment variable holding the backend's API key")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    api_key_env: str = Field("SLMFORGE_API_KEY", description="when this environment variable is set, requests need "
+                             "'Authorization: Bearer <its value>'")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    max_tokens: int = Field(1024, ge=1, description="largest max_tokens a request may ask for (more gets 400)")
+    default_max_tokens: int = Field(256, ge=1, description="when a request gives no max_tokens")
+    temperature: float = Field(0.0, ge=0, le=2, description="when a request gives no temperature (0 = greedy)")
+    timeout_s: float = Field(120.0, gt=0, description="timeout of calls to the backend and the fallback")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+
+    @model_validator(mode="after")
+    def _default_within_limit(self):
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- recipe
@@ -151,6 +345,7 @@ class Recipe(Section):
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="`slmforge serve` (not a pipeline stage)")
 
     @field_validator("documents")
     @classmethod
@@ -177,10 +372,23 @@ class Recipe(Section):
 PRESETS: dict[str, dict] = {
     "demo": {  # a 2-core laptop CPU
         "curate": {"executor": "local", "tasks": 1, "workers": 1},
+        "generate": {"max_chunks": 8, "max_passage_words": 200, "teacher": {"batch_size": 4, "max_new_tokens": 96}},
+        "eval": {"items": {"mcq": 24, "cloze": 16, "qa": 10, "summary": 4}, "teacher_chunks": 4, "perplexity_words": 500,
+                 "general_mcq_items": 16, "general_text_words": 300, "max_new_tokens": {"cloze": 6, "qa": 24, "summary": 40}},
     },
     "gpu": {  # one GPU box: more CPU for data stages, longer chunks
         "ingest": {"chunk_tokens": 1024, "chunk_overlap": 128},
         "curate": {"executor": "local", "tasks": 8, "workers": 8},
+        "export": {"dtype": "bfloat16"},
+        "serve": {"device": "cuda"},
+        "generate": {"max_chunks": 0, "items_per_chunk": 2, "teacher_kinds": ["qa", "mcq", "summary", "rephrase", "preference"],
+                     "teacher": {"batch_size": 32, "max_new_tokens": 256}},
+        "eval": {"items": {"mcq": 300, "cloze": 200, "qa": 150, "summary": 60}, "teacher_chunks": 0, "batch_size": 32,
+                 "perplexity_words": 30000},
+        "dapt": {"max_steps": 1000, "batch_size": 16, "max_length": 1024, "save_steps": 100, "logging_steps": 10,
+                 "replay_samples": 1024, "replay_max_new_tokens": 384},
+        "sft": {"max_steps": 500, "batch_size": 16, "max_length": 1024, "save_steps": 100, "logging_steps": 10},
+        "dpo": {"max_steps": 200, "batch_size": 8, "max_length": 1024, "save_steps": 50, "logging_steps": 10},
     },
 }
 
@@ -240,6 +448,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
+    data.setdefault("run_dir", "runs")  # like every relative path: beside the recipe, not wherever the shell is
     for key in ("documents", "run_dir"):
         if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
             data[key] = str((base / data[key]).resolve())

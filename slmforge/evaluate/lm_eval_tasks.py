@@ -1,0 +1,104 @@
+"""Each benchmark as an lm-evaluation-harness task: a YAML file beside a local JSONL file, runnable offline with
+
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args pretrained=MODEL --device cpu \
+        --include_path runs/<name>/eval/lm_eval --tasks slmforge_<name>
+
+The same folder is what `slmforge eval` itself runs, so our numbers are lm-eval's numbers.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from slmforge.run import atomic_write_text
+
+METRICS_MODULE = "slmforge_metrics"  # metrics.py is copied under this name into every task folder
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one benchmark kind is asked and scored."""
+
+    output_type: str  # multiple_choice | generate_until | loglikelihood_rolling
+    metrics: tuple[str, ...]  # the first is the headline
+    binary: tuple[str, ...] = ()  # 0/1 metrics (Wilson CI); the rest get a bootstrap CI
+    lower_is_better: tuple[str, ...] = ()
+    template: str = ""
+    process: str | None = None  # name of a process_* function in metrics.py
+    until: tuple[str, ...] = ("\n",)
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+SPECS: dict[str, Spec] = {
+    "mcq": Spec("multiple_choice", ("acc", "acc_norm"), binary=("acc", "acc_norm"), template="Question: {{prompt}}\nAnswer:",
+                description="4-option questions on held-out documents, scored by log-likelihood (closed book)"),
+    "cloze": Spec("generate_until", ("exact_match", "rouge_l"), binary=("exact_match",), template="{{prompt}}",
+                  process="process_cloze", description="continue a held-out sentence; exact match on the missing words"),
+    # small instruct models often open with a blank line: stopping at "\n\n" would cut every such answer to ""
+    "qa": Spec("generate_until", ("token_f1", "rouge_l"), template="Question: {{prompt}}\nAnswer:", process="process_qa",
+               until=("Question:", "\n\n\n"), description="open questions on held-out documents (closed book)"),
+    "summary": Spec("generate_until", ("rouge_l",), template="{{prompt}}\n\nSummary in one or two sentences:",
+                    process="process_summary", until=("\n\n\n",), description="summarise a held-out passage"),
+    "domain_ppl": Spec("loglikelihood_rolling", ("word_perplexity", "bits_per_byte"),
+                       lower_is_better=("word_perplexity", "bits_per_byte"), description="held-out domain documents"),
+    "general_mcq": Spec("multiple_choice", ("acc", "acc_norm"), binary=("acc", "acc_norm"), template="Question: {{prompt}}\nAnswer:",
+                        description="general knowledge (MMLU dev slice, MIT): forgetting check"),
+    "general_ppl": Spec("loglikelihood_rolling", ("word_perplexity", "bits_per_byte"),
+                        lower_is_better=("word_perplexity", "bits_per_byte"),
+                        description="general explanatory text (MMLU explanations, MIT): forgetting check"),
+}
+GENERAL = ("general_mcq", "general_ppl")
+
+
+def task_name(prefix: str, bench: str) -> str:
+    return f"{prefix}_{bench}"
+
+
+def safe_prefix(run_name: str) -> str:
+    return "slmforge_" + re.sub(r"[^A-Za-z0-9_]", "_", run_name)
+
+
+def task_config(name: str, bench: str, data_file: Path, max_gen_toks: int) -> str:
+    spec = SPECS[bench]
+    cfg: dict = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
+        "test_split": "test",
+        "output_type": spec.output_type,
+    }
+    if spec.output_type == "multiple_choice":
+        cfg.update(doc_to_text=spec.template, doc_to_choice="{{choices}}", doc_to_target="{{answer_index}}")
+        cfg["metric_list"] = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in spec.metrics]
+    elif spec.output_type == "generate_until":
+        cfg.update(doc_to_text=spec.template, doc_to_target="{{answer}}", target_delimiter=" ",
+                   generation_kwargs={"until": list(spec.until), "max_gen_toks": max_gen_toks, "do_sample": False})
+        cfg["metric_list"] = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in spec.metrics]
+    else:  # loglikelihood_rolling: the whole text is the target
+        cfg.update(doc_to_text="", doc_to_target="{{text}}")
+        cfg["metric_list"] = [{"metric": m} for m in spec.metrics]  # lm-eval's own (weighted) perplexity aggregations
+    cfg["metadata"] = {"version": 1, "description": spec.description}
+    text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, width=1000)
+    if spec.process:  # yaml.safe_dump cannot write lm-eval's `!function` tag
+        text += f"process_results: !function {METRICS_MODULE}.{spec.process}\n"
+    return text
+
+
+def write_tasks(folder: Path, prefix: str, data_files: dict[str, Path], max_gen_toks: dict[str, int]) -> list[str]:
+    """Write one YAML per benchmark (+ a group YAML and the metrics module) into `folder`; returns the task names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(__file__).with_name("metrics.py"), folder / f"{METRICS_MODULE}.py")
+    names = []
+    for bench, data_file in data_files.items():
+        name = task_name(prefix, bench)
+        atomic_write_text(folder / f"{bench}.yaml", task_config(name, bench, data_file, max_gen_toks.get(bench, 32)))
+        names.append(name)
+    group = {"group": prefix, "task": names, "aggregate_metric_list": []}
+    atomic_write_text(folder / "_group.yaml", yaml.safe_dump(group, sort_keys=False))
+    return names

@@ -1,0 +1,216 @@
+"""Eval stage: frozen benchmarks from held-out documents; base vs every trained stage in one table; the run report.
+
+    benchmarks/<kind>.jsonl   frozen items (mcq, cloze, qa, summary), perplexity texts and the general sets
+    decontamination.json      n-gram overlap of every candidate item with every training artifact; what was dropped
+    lm_eval/                  every benchmark as an lm-eval task (YAML + metrics module) runnable with --include_path
+    predictions/<model>.jsonl per-item scores and generations of each model
+    results.json, table.md    the comparison (table.md is what the model card pastes)
+    ../report.html            the self-contained run report
+
+Each model's scores are a cached unit keyed by the model's content and the benchmarks' hashes, so a rerun after a
+kill (or after training one more stage) scores only what is new.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from slmforge.console import console, track
+from slmforge.evaluate import benchmarks as bm
+from slmforge.evaluate.compare import markdown_table, rich_table, rows, worse_than_base
+from slmforge.evaluate.decontaminate import NgramIndex
+from slmforge.evaluate.lm_eval_tasks import GENERAL, SPECS, safe_prefix, write_tasks
+from slmforge.records import Chunk, Document, Item
+from slmforge.run import (Stage, StageContext, atomic_write_json, atomic_write_jsonl, atomic_write_text, cached_unit, hash_obj,
+                          read_jsonl, sha256_file)
+
+ITEMS_VERSION = "1"  # bump when benchmark construction changes (invalidates cached benchmark sets)
+SCORING_VERSION = "1"
+
+
+def model_specs(recipe, run) -> dict[str, tuple[str, str]]:
+    """{name: (spec for load_causal_lm, identity for cache keys)} for base + finished trained stages, in order."""
+    from slmforge.models import resolve_model
+
+    wanted = recipe.eval.models
+    out = {}
+    if "base" in wanted:
+        out["base"] = (recipe.base_model, hash_obj({"base": recipe.base_model, "resolved": resolve_model(recipe.base_model)}))
+    for stage, folder in run.trained_models().items():
+        if stage in wanted:
+            out[stage] = (str(folder), run.manifest(stage)["key"])
+    return out
+
+
+class EvalStage(Stage):
+    name = "eval"
+    version = "1"
+
+    def inputs(self, recipe, run):
+        curate = run.manifest("curate")
+        if curate is None:
+            run.require("curate", "heldout.jsonl")
+        out = {"heldout": curate["outputs"]["heldout.jsonl"], "heldout_documents": curate["outputs"]["heldout_documents.jsonl"]}
+        for label, path in bm.training_artifacts(run).items():
+            out[label] = run.manifest(label.split("/")[0])["outputs"][label.split("/")[1]]
+        for name, (_, identity) in model_specs(recipe, run).items():
+            out[f"model:{name}"] = identity
+        return out
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self, ctx: StageContext) -> None:
+        cfg, recipe, run = ctx.recipe.eval, ctx.recipe, ctx.run
+        started = time.time()
+        chunks = read_jsonl(run.require("curate", "heldout.jsonl"), Chunk)
+        documents = read_jsonl(run.require("curate", "heldout_documents.jsonl"), Document)
+        if not chunks:
+            raise ValueError(f"{run.stage_dir('curate') / 'heldout.jsonl'} is empty: set curate.heldout_fraction > 0 "
+                             "so some documents are kept for evaluation")
+        frozen = self._benchmarks(ctx, chunks)
+        data_files, meta = self._freeze(ctx, frozen, documents)
+        built_s = time.time() - started
+
+        prefix = safe_prefix(recipe.name)
+        final_bench = run.stage_dir(self.name) / "benchmarks"  # where the exported tasks find their data after publish
+        write_tasks(ctx.out / "lm_eval", prefix, {b: final_bench / p.name for b, p in data_files.items()}, cfg.max_new_tokens)
+        task_dir = ctx.scratch / "tasks"  # the same tasks pointing at this attempt's files, for scoring now
+        write_tasks(task_dir, prefix, data_files, cfg.max_new_tokens)
+
+        models = model_specs(recipe, run)
+        scores_cache = run.cache_dir("eval-scores")
+        results = {"run": recipe.name, "benchmarks": meta, "models": [], "scores": {}, "lm_eval": {},
+                   "decontamination": frozen["decontamination_summary"], "teacher": frozen["teacher"]}
+        stats: dict = {}
+        predictions: dict[str, list[dict]] = {}
+        for name, (spec, identity) in track(list(models.items()), "eval models"):
+            key = hash_obj({"v": SCORING_VERSION, "model": identity, "benchmarks": {b: m["sha256"] for b, m in meta.items()},
+                            "scoring": cfg.model_dump(include={"max_new_tokens", "chat_template", "batch_size"}), "seed": recipe.seed})
+            console.print(f"  scoring {name} ({spec}) on {len(data_files)} benchmarks", highlight=False)
+            scored = cached_unit(scores_cache, key, lambda: self._score(name, spec, task_dir, prefix, list(data_files), cfg, recipe.seed), stats)
+            results["models"].append({"name": name, "path": spec, "seconds": scored["seconds"]})
+            results["scores"][name] = scored["scores"]
+            results["lm_eval"][name] = scored["lm_eval"]
+            predictions[name] = [{"bench": b, **row} for b, item_rows in scored["items"].items() for row in item_rows]
+            atomic_write_jsonl(ctx.out / "predictions" / f"{name}.jsonl", predictions[name])
+        results["forgetting"] = forgetting(results)
+        results["seconds"] = {"benchmarks": round(built_s, 2), "total": round(time.time() - started, 2)}
+        atomic_write_json(ctx.out / "results.json", results)
+        atomic_write_text(ctx.out / "table.md", markdown_table(results))
+        console.print(rich_table(results))
+
+        ctx.counts.update(
+            benchmarks={b: m["n"] for b, m in meta.items()}, models=[m["name"] for m in results["models"]],
+            decontaminated=frozen["decontamination_summary"]["dropped"], teacher=frozen["teacher"],
+            headline=headline(results), scored_from_cache=stats.get("cache_hits", 0),
+            model_seconds={m["name"]: m["seconds"] for m in results["models"]},
+        )
+        from slmforge.report import write_report
+
+        path = write_report(run, results, predictions, cfg.samples, extra_timings={"eval": time.time() - started})
+        console.print(f"  report → {path}")
+
+    def _score(self, name, spec, task_dir, prefix, benches, cfg, seed) -> dict:
+        from slmforge.evaluate.scoring import score_model
+
+        return score_model(name, spec, task_dir, prefix, benches, batch_size=cfg.batch_size, seed=seed, chat_template=cfg.chat_template)
+
+    # ------------------------------------------------------------------------------------------------ benchmarks
+    def _benchmarks(self, ctx: StageContext, chunks: list[Chunk]) -> dict:
+        """Build (or reuse, when nothing it depends on changed) the decontaminated item set: one cached unit."""
+        cfg, recipe, run = ctx.recipe.eval, ctx.recipe, ctx.run
+        artifacts = bm.training_artifacts(run)
+        key = hash_obj({
+            "v": ITEMS_VERSION, "heldout": run.manifest("curate")["outputs"]["heldout.jsonl"],
+            "training": {label: sha256_file(p) for label, p in artifacts.items()},
+            "cfg": cfg.model_dump(include={"kinds", "items", "extractive_per_chunk", "teacher", "teacher_chunks", "teacher_kinds",
+                                           "decontamination"}),
+            "generate": recipe.generate.model_dump(mode="json", include={"teacher", "verify", "max_passage_words"}),
+            "seed": recipe.seed, "base_model": recipe.base_model,
+        })
+
+        def build() -> dict:
+            items, rejected, teacher = bm.build_items(chunks, cfg, recipe, run.cache_dir("eval-teacher"))
+            index = NgramIndex(cfg.decontamination.ngram)
+            for label, path in artifacts.items():
+                index.add_jsonl(path, label)
+            selected, report = bm.select(items, index, cfg, recipe.seed)
+            dropped = [r for r in report if r["dropped"]]
+            by_id = {i.id: i for i in items}
+            summary = {
+                "ngram": index.n, "max_overlap": cfg.decontamination.max_overlap, "training_rows": index.sources,
+                "candidates": dict(Counter(i.kind for i in items)), "dropped": len(dropped),
+                "dropped_by_kind": dict(Counter(r["kind"] for r in dropped)),
+                "unchecked_short": sum(r["overlap"] is None for r in report),
+                "examples": [{**r, "text": f"{by_id[r['id']].prompt} → {by_id[r['id']].answer}"[:300]} for r in dropped[:5]],
+                "rejected_by_verifier": dict(Counter(f"{r['kind']}: {r['reason']}" for r in rejected)),
+            }
+            return {"items": {k: [i.model_dump(mode="json") for i in v] for k, v in selected.items()},
+                    "decontamination": report, "decontamination_summary": summary, "teacher": teacher}
+
+        return cached_unit(run.cache_dir("eval-benchmarks"), key, build)
+
+    def _freeze(self, ctx: StageContext, frozen: dict, documents: list[Document]):
+        """Write every benchmark file once; return ({bench: path}, {bench: {file, sha256, n, chance, origin}})."""
+        cfg, out = ctx.recipe.eval, ctx.out / "benchmarks"
+        files: dict[str, list] = {k: [Item.model_validate(r) for r in v] for k, v in frozen["items"].items()}
+        if cfg.perplexity_words:
+            files["domain_ppl"] = bm.text_rows(documents, cfg.perplexity_words)
+        if cfg.general:
+            if cfg.general_mcq_items:
+                files["general_mcq"] = bm.general_mcq(cfg.general_mcq_items)
+            if cfg.general_text_words:
+                files["general_ppl"] = bm.general_text(cfg.general_text_words)
+        data_files, meta = {}, {}
+        for bench, rows_ in files.items():
+            if not rows_:
+                continue
+            path = out / f"{bench}.jsonl"
+            atomic_write_jsonl(path, rows_)
+            data_files[bench] = path
+            chance = None
+            if SPECS[bench].output_type == "multiple_choice":
+                chance = sum(1 / len(r.choices) for r in rows_) / len(rows_)
+            meta[bench] = {"file": f"benchmarks/{path.name}", "sha256": sha256_file(path), "n": len(rows_), "chance": chance,
+                           "description": SPECS[bench].description}
+        atomic_write_json(ctx.out / "decontamination.json", {"summary": frozen["decontamination_summary"], "items": frozen["decontamination"]})
+        if not data_files:
+            raise ValueError("no benchmark items could be built from the held-out documents (see decontamination.json)")
+        return data_files, meta
+
+    def summary_rows(self, c: dict) -> list[tuple[str, str]]:
+        out = [("benchmarks (items)", ", ".join(f"{b} {n}" for b, n in c["benchmarks"].items())),
+               ("decontaminated (dropped)", str(c["decontaminated"])),
+               ("models scored", ", ".join(c["models"]))]
+        out += [(k, v) for k, v in c["headline"].items()]
+        return out
+
+
+def forgetting(results: dict) -> dict:
+    """{model: {"general_mcq acc": Δ, "general_ppl word_perplexity": Δ}}: the change from base on general ability."""
+    base = results["models"][0]["name"] if results["models"] else None
+    out = {}
+    for m in results["models"][1:]:
+        deltas = {}
+        for bench in GENERAL:
+            for metric in SPECS[bench].metrics[:1]:
+                a = results["scores"].get(base, {}).get(bench, {}).get(metric)
+                b = results["scores"].get(m["name"], {}).get(bench, {}).get(metric)
+                if a and b:
+                    deltas[f"{bench} {metric}"] = b["value"] - a["value"]
+        out[m["name"]] = deltas
+    return out
+
+
+def headline(results: dict) -> dict[str, str]:
+    """'<bench> <metric>' -> 'base 0.41 · sft 0.45' for each benchmark's first metric (summary table rows)."""
+    out = {}
+    for r in rows(results):
+        if r["metric"] != SPECS[r["bench"]].metrics[0]:
+            continue
+        parts = []
+        for m, cell in r["cells"].items():
+            flag = " (worse)" if worse_than_base(r, m) else ""
+            parts.append(f"{m} {cell['value']:.3g}{flag}")
+        out[f"{r['bench']} {r['metric']}"] = " · ".join(parts)
+    return out

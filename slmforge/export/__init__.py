@@ -1,0 +1,1 @@
+"""Export: merged HF folder, GGUF, Ollama Modelfile, model card."""

@@ -1,0 +1,155 @@
+"""Export stage: the final model -> export/ with
+
+    model/        merged safetensors HF folder (tokenizer, chat template) for transformers and vLLM
+    gguf/         <name>-f16.gguf, -q8_0.gguf (llama.cpp's converter), -Q4_K_M.gguf (its quantizer, when installed)
+    Modelfile     for `ollama create`
+    README.md     model card: recipe, data summary, input licences, evaluation table, GGUF check
+    verify.json   greedy outputs of the HF folder and of every GGUF on the same prompt tokens
+
+GGUF files are kept in the run's cache keyed by the model's content, so a rerun after a crash converts only
+what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from slmforge.console import console, track
+from slmforge.export import card, gguf
+from slmforge.export.merge import load_merged, resolve_source, save_hf_folder
+from slmforge.run import StageContext, Stage, atomic_write_json, atomic_write_text, hash_obj, sha256_file
+
+
+class ExportStage(Stage):
+    name = "export"
+    version = "1"
+
+    def inputs(self, recipe, run):
+        source = resolve_source(recipe.export.source, run, recipe.base_model)
+        out = {"model": source.fingerprint()}
+        for stage in card.DATA_STAGES + ("eval",):
+            m = run.manifest(stage)
+            if m is not None:
+                out[stage] = hash_obj(m.get("outputs", {}))
+        lic = card.find_corpus_license(recipe.documents, recipe.export.corpus_license_file)
+        if lic is not None:
+            out["corpus_license"] = sha256_file(lic)
+        return out
+
+    def run(self, ctx: StageContext) -> None:
+        recipe, cfg, out = ctx.recipe, ctx.recipe.export, ctx.out
+        notes: list[str] = []
+        source = resolve_source(cfg.source, ctx.run, recipe.base_model)
+        console.print(f"  exporting the {source.label} model" + (" (merging its LoRA adapter)" if source.adapter else ""))
+        model, tokenizer = load_merged(source, cfg.dtype)
+        notes += save_hf_folder(model, tokenizer, out / "model")
+        model_hash = hash_obj({p.name: sha256_file(p) for p in sorted((out / "model").iterdir()) if p.is_file()})
+
+        # Reference: greedy tokens of the exported folder as transformers reloads it (upcast to fp32 like the GGUF reader).
+        from transformers import AutoModelForCausalLM
+        import torch
+
+        del model
+        reloaded = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+        prompts = gguf.chat_inputs(tokenizer, cfg.verify_prompts)
+        reference = gguf.greedy(reloaded, prompts, cfg.verify_tokens)
+        verify = {"prompts": cfg.verify_prompts, "hf": [tokenizer.decode(r, skip_special_tokens=True) for r in reference],
+                  "gguf": {}}
+        del reloaded
+
+        report = self._gguf(ctx, out / "model", model_hash, prompts, reference, tokenizer, verify)
+        atomic_write_json(out / "verify.json", verify)
+
+        files = report["files"]
+        if files:
+            preferred = next((n for n, r in files.items() if r["type"] == cfg.ollama_gguf), next(iter(files)))
+            weights = f"./gguf/{preferred}"
+        else:
+            weights = "./model"  # Ollama imports a safetensors folder of a supported architecture directly
+        atomic_write_text(out / "Modelfile", card.modelfile(weights, getattr(tokenizer, "chat_template", None)))
+
+        licences = self._licences(recipe, out, notes)
+        manifests = {s: m for s in card.DATA_STAGES if (m := ctx.run.manifest(s)) is not None}
+        table = ctx.run.stage_dir("eval") / "table.md"
+        eval_table = table.read_text(encoding="utf-8") if ctx.run.manifest("eval") and table.is_file() else None
+        if eval_table is None:
+            notes.append("no evaluation table: run `slmforge eval` before exporting to include it")
+        readme = card.model_card(recipe=recipe, source_label=source.label, out=out, manifests=manifests,
+                                 eval_table=eval_table, gguf_report=report, licences=licences, notes=notes)
+        atomic_write_text(out / "README.md", readme)
+        ctx.counts.update(
+            source=source.label, merged_adapter=source.adapter is not None, dtype=cfg.dtype,
+            gguf={n: {"type": r["type"], "mb": r["mb"], "verify": r.get("verify")} for n, r in files.items()},
+            gguf_skipped=report["skipped"], eval_table=eval_table is not None, corpus_license=licences["corpus"],
+            notes=notes,
+        )
+
+    # -------------------------------------------------------------------------------------- GGUF
+    def _gguf(self, ctx, hf_folder: Path, model_hash: str, prompts, reference, tokenizer, verify) -> dict:
+        cfg = ctx.recipe.export
+        report: dict = {"files": {}, "skipped": []}
+        if not cfg.gguf:
+            return report
+        try:
+            converter = gguf.find_converter(cfg.llama_cpp)
+        except gguf.ConverterMissing as err:
+            report["skipped"].append(f"GGUF skipped: {err}")
+            console.print(f"  [yellow]warning:[/yellow] {err}", highlight=False)
+            return report
+        cache = ctx.run.cache_dir("gguf") / model_hash[:16]
+        cache.mkdir(parents=True, exist_ok=True)
+        log = ctx.scratch / "gguf.log"
+        stem = ctx.recipe.name
+        wanted = list(dict.fromkeys(cfg.gguf))
+        needs_f16 = any(t in gguf.QUANTIZER_TYPES for t in wanted)
+        tool = gguf.quantizer() if needs_f16 else None
+        made: dict[str, Path] = {}
+        for qtype in track([t for t in wanted if t in gguf.CONVERTER_TYPES] + (["f16"] if needs_f16 and tool and "f16" not in wanted else []),
+                           "converting to GGUF"):
+            target = cache / f"{stem}-{qtype}.gguf"
+            made[qtype] = target if target.is_file() else gguf.convert(hf_folder, target, qtype, converter, log)
+        for qtype in [t for t in wanted if t in gguf.QUANTIZER_TYPES]:
+            if tool is None:
+                report["skipped"].append(f"{qtype} skipped: llama.cpp's quantizer is not installed "
+                                         "(pip install llama-cpp-python, or put llama-quantize on PATH)")
+                continue
+            target = cache / f"{stem}-{qtype}.gguf"
+            made[qtype] = target if target.is_file() else gguf.quantize(made["f16"], target, qtype, tool)
+        (ctx.out / "gguf").mkdir(exist_ok=True)
+        for qtype in track([t for t in wanted if t in made], "checking GGUF files"):
+            dest = ctx.out / "gguf" / made[qtype].name
+            try:  # the cache keeps the file so a rerun skips the conversion; a hard link costs no disk
+                os.link(made[qtype], dest)
+            except OSError:
+                shutil.copy2(made[qtype], dest)
+            entry = {"type": qtype, "mb": round(dest.stat().st_size / 2**20, 1)}
+            try:
+                outs = gguf.greedy(gguf.load_gguf(dest), prompts, ctx.recipe.export.verify_tokens)
+                same = sum(a == b for a, b in zip(outs, reference))
+                entry["verify"] = f"{same}/{len(reference)}"
+                verify["gguf"][dest.name] = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+            except Exception as err:  # a reader that cannot load a new quant type must not lose the file
+                entry["verify"] = f"not loadable by transformers: {type(err).__name__}: {err}"[:300]
+            report["files"][dest.name] = entry
+        report["converter"] = gguf.converter_version(converter)
+        return report
+
+    def _licences(self, recipe, out: Path, notes: list[str]) -> dict:
+        cfg = recipe.export
+        lic_file = card.find_corpus_license(recipe.documents, cfg.corpus_license_file)
+        corpus = cfg.corpus_license or ("see LICENSE-corpus" if lic_file else "unknown")
+        if lic_file is None and not cfg.corpus_license:
+            notes.append("the documents' licence is unknown: set export.corpus_license (and corpus_license_file)")
+        if lic_file is not None:
+            shutil.copy2(lic_file, out / "LICENSE-corpus")
+        return {"base_model": card.base_model_license(recipe.base_model, cfg.base_model_license), "corpus": corpus,
+                "corpus_file": "LICENSE-corpus" if lic_file else None}
+
+    def summary_rows(self, c: dict) -> list[tuple[str, str]]:
+        rows = [("exported model", c["source"] + (" (LoRA merged)" if c["merged_adapter"] else ""))]
+        rows += [(f"GGUF {v['type']}", f"{v['mb']} MiB, greedy match {v['verify']}") for v in c["gguf"].values()]
+        rows += [("GGUF skipped", s[:80]) for s in c["gguf_skipped"]]
+        rows.append(("model card eval table", "yes" if c["eval_table"] else "no (run eval first)"))
+        return rows

@@ -1,0 +1,172 @@
+"""Deterministic generators: items copied from real sentences, correct by construction.
+
+    cloze       a sentence cut before one of the corpus's terms; choices = that term + 3 other corpus terms
+    mcq         the same sentence with the term blanked; "which term fills the blank?"
+    qa          definition sentences ("A binary string is a sequence of octets.") -> "What is a binary string?"
+    preference  chosen = the real sentence; rejected = the sentence with its term swapped for another corpus term
+
+Distractors are terms of the same shape (identifier, UPPERCASE keyword, word) that occur elsewhere in the corpus,
+preferably in the same document, and never in the item's own chunk (so no distractor is also a right answer).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter, defaultdict
+
+from slmforge.generate.text import ENGLISH_STOP_WORDS, sentences
+from slmforge.records import Chunk, Item
+from slmforge.run import hash_obj
+
+TERM = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?\b")
+DEFINITION = re.compile(
+    r"^(?:The |A |An )?(?P<term>[A-Za-z_][\w\- ]{1,40}?) (?P<verb>is|are) (?P<rest>(?:a|an|the|one|used|defined) .{10,})$"
+)
+N_CHOICES = 4
+_NOT_A_SUBJECT = {"This", "That", "These", "Those", "It", "There", "Each", "All", "Such", "Which", "What", "Here", "One",
+                  "If", "When", "Whether", "Although", "Because", "Since", "While", "Unless", "As", "In", "For", "Note", "So"}
+
+
+def term_shape(term: str) -> str:
+    """Distractors share the answer's shape, and for plain words its inflection, so grammar gives nothing away."""
+    if "_" in term or "." in term or any(ch.isdigit() for ch in term):
+        return "identifier"
+    if term.isupper():
+        return "upper"
+    ending = next((e for e in ("ing", "ed", "ly", "s") if term.endswith(e) and not term.endswith("ss")), "")
+    return ("capitalized" if term[:1].isupper() else "word") + ending
+
+
+def make_id(**content) -> str:
+    return hash_obj(content)[:16]
+
+
+class TermIndex:
+    """Candidate domain terms of a corpus with their document frequency over chunks."""
+
+    def __init__(self, chunks: list[Chunk]):
+        self.n = max(1, len(chunks))
+        self.df: Counter = Counter()
+        self.docs: dict[str, set[str]] = defaultdict(set)  # term -> doc ids it occurs in
+        self.in_chunk: dict[str, set[str]] = {}
+        # plain words count as terms only when some title or heading uses them ("Constraints", "Partitioning"):
+        # that keeps everyday verbs and adjectives out of cloze gaps and distractor lists
+        self.heading_words = {w.lower() for c in chunks for h in (c.title, *c.headings) for w in TERM.findall(h)}
+        for c in chunks:
+            terms = {t for t in TERM.findall(c.text) if self._candidate(t)}
+            self.in_chunk[c.id] = {t.lower() for t in terms}
+            for t in terms:
+                self.df[t] += 1
+                self.docs[t].add(c.doc_id)
+        cap = max(3, int(0.25 * self.n))
+        self.terms = {t for t, k in self.df.items() if 2 <= k <= cap or (self.n < 8 and k >= 1)}
+        self.by_shape: dict[str, list[str]] = defaultdict(list)
+        for t in sorted(self.terms):
+            self.by_shape[term_shape(t)].append(t)
+
+    def _candidate(self, t: str) -> bool:
+        if len(t) < 3 or t.lower() in ENGLISH_STOP_WORDS or t.startswith("_") or t.endswith("_"):
+            return False
+        if "." in t and min(len(p) for p in t.split(".")) < 2:  # "i.e", "e.g"
+            return False
+        shape = term_shape(t)
+        return shape in ("identifier", "upper") or (len(t) >= 5 and t.lower() in self.heading_words)
+
+    def idf(self, term: str) -> float:
+        return math.log(self.n / self.df.get(term, 1))
+
+    def key_terms(self, sentence: str) -> list[str]:
+        """Terms of a sentence, most specific first; word-shaped terms only when nothing more technical is there."""
+        found = [t for t in dict.fromkeys(TERM.findall(sentence)) if t in self.terms]
+        return sorted(found, key=lambda t: (term_shape(t) not in ("identifier", "upper"), -self.idf(t), t))
+
+    def distractors(self, term: str, chunk: Chunk, rng: random.Random, k: int = N_CHOICES - 1) -> list[str]:
+        banned = self.in_chunk.get(chunk.id, set()) | {term.lower()}
+        pool = [t for t in self.by_shape[term_shape(term)] if t.lower() not in banned]
+        same_doc = [t for t in pool if chunk.doc_id in self.docs[t]]
+        other = [t for t in pool if chunk.doc_id not in self.docs[t]]
+        rng.shuffle(same_doc)
+        # closest in length first among the rest: "bytea" is a better foil for "jsonb" than for "pg_stat_statements"
+        rng.shuffle(other)
+        other.sort(key=lambda t: abs(len(t) - len(term)))
+        out: list[str] = []
+        for t in same_doc + other:
+            if t.lower() not in {o.lower() for o in out}:
+                out.append(t)
+            if len(out) == k:
+                break
+        return out
+
+
+def _blank(sentence: str, term: str) -> tuple[str, str] | None:
+    """(text before the term, text after it) for the term's first whole-word occurrence after the third word."""
+    for m in re.finditer(rf"(?<![\w.]){re.escape(term)}(?![\w])", sentence):
+        before = sentence[: m.start()]
+        if len(before.split()) >= 3:
+            return before, sentence[m.end():]
+    return None
+
+
+def _choices(term: str, foils: list[str], rng: random.Random) -> tuple[list[str], int]:
+    choices = [term, *foils]
+    rng.shuffle(choices)
+    return choices, choices.index(term)
+
+
+def extractive_items(chunk: Chunk, kinds: list[str], terms: TermIndex, per_kind: int, seed: int) -> list[Item]:
+    """Up to `per_kind` items of each requested extractive kind from one chunk."""
+    rng = random.Random(f"{seed}:{chunk.id}")
+    base = dict(chunk_id=chunk.id, doc_id=chunk.doc_id, origin="extractive", context=chunk.text)
+    sents = sentences(chunk.text)
+    prev = {s: (sents[i - 1] if i else "") for i, s in enumerate(sents)}
+    slots = []  # (sentence, term, before, after), one per sentence, in a seeded order
+    for s in sents:
+        for t in terms.key_terms(s)[:1]:
+            cut = _blank(s, t)
+            if cut:
+                slots.append((s, t, *cut))
+    rng.shuffle(slots)
+    out: list[Item] = []
+    used: set[str] = set()
+
+    def take() -> list[tuple]:
+        picked = [x for x in slots if x[0] not in used][:per_kind]
+        used.update(x[0] for x in picked)
+        return picked
+
+    for kind in ("mcq", "cloze", "preference"):
+        if kind not in kinds:
+            continue
+        for s, t, before, after in take():
+            foils = terms.distractors(t, chunk, rng)
+            if len(foils) < N_CHOICES - 1:
+                continue
+            if kind == "mcq":
+                prompt = f"Which term fills the blank?\n\n{before}_____{after}"
+                choices, idx = _choices(t, foils, rng)
+                out.append(Item(id=make_id(kind=kind, prompt=prompt, choices=choices), kind=kind, prompt=prompt,
+                                answer=t, choices=choices, answer_index=idx, **base))
+            elif kind == "cloze":
+                prompt = f"{prev[s]} {before}".strip()
+                choices, idx = _choices(t, foils, rng)
+                out.append(Item(id=make_id(kind=kind, prompt=prompt, answer=t), kind=kind, prompt=prompt.rstrip(),
+                                answer=t, choices=choices, answer_index=idx, **base))
+            else:
+                prompt = f"Complete the sentence: {before.rstrip()} …"
+                rejected = f"{before}{foils[0]}{after}"
+                out.append(Item(id=make_id(kind=kind, prompt=prompt, answer=s, rejected=rejected), kind=kind,
+                                prompt=prompt, answer=s, rejected=rejected, **base))
+    if "qa" in kinds:
+        n = 0
+        for s in sents:
+            m = DEFINITION.match(s)
+            if not m or n >= per_kind or len(m["term"].split()) > 5 or s.split()[0] in _NOT_A_SUBJECT:
+                continue
+            subject = s[: m.start("verb")].strip()
+            subject = subject[0].lower() + subject[1:] if subject.split()[0] in ("The", "A", "An") else subject
+            prompt = f"What {m['verb']} {subject}?"
+            out.append(Item(id=make_id(kind="qa", prompt=prompt, answer=s), kind="qa", prompt=prompt, answer=s, **base))
+            n += 1
+    return out

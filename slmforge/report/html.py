@@ -1,0 +1,171 @@
+"""The run report: one self-contained HTML file (inline CSS and PNG plots) at runs/<name>/report.html.
+
+Sections: data funnel (ingest/curate/generate manifest counts), evaluation table and per-benchmark bars (base vs
+stages, 95% CIs, chance), forgetting check, loss curves (<stage>/log_history.json), sample generations base vs
+specialist on held-out questions, decontamination, timings per stage, and every manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from html import escape
+from pathlib import Path
+
+from slmforge.recipe import STAGES
+from slmforge.report import plots
+from slmforge.run import atomic_write_text, read_jsonl
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;vertical-align:top}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}.worse{color:#b00}
+.muted{color:#777}pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:12px;max-height:420px}
+img{max-width:100%}details{margin:.3em 0}.gen td{max-width:320px;white-space:pre-wrap}
+"""
+
+
+def _table(head: list[str], body: list[list[str]], cls: str = "") -> str:
+    h = "".join(f"<th>{escape(c)}</th>" for c in head)
+    rows = "".join("<tr>" + "".join(body_cell for body_cell in r) + "</tr>" for r in body)
+    return f'<table class="{cls}"><tr>{h}</tr>{rows}</table>'
+
+
+def _td(text: str, num: bool = False, extra: str = "") -> str:
+    return f'<td class="{"num " if num else ""}{extra}">{escape(str(text))}</td>'
+
+
+def _img(uri: str | None, alt: str) -> str:
+    return f'<img alt="{escape(alt)}" src="{uri}">' if uri else f'<p class="muted">no data for {escape(alt)}</p>'
+
+
+def funnel_steps(manifests: dict[str, dict]) -> list[tuple[str, float]]:
+    steps = []
+    ing = (manifests.get("ingest") or {}).get("counts", {})
+    cur = (manifests.get("curate") or {}).get("counts", {})
+    gen = (manifests.get("generate") or {}).get("counts", {})
+    for label, value in (("files read", ing.get("files")), ("documents", ing.get("documents")), ("chunks", ing.get("chunks")),
+                         ("curated train chunks", cur.get("train_chunks")), ("held-out chunks (eval only)", cur.get("heldout_chunks")),
+                         ("generated items", gen.get("items")), ("SFT rows", gen.get("sft_rows")), ("DPO rows", gen.get("dpo_rows")),
+                         ("pretraining rows", gen.get("pretrain_rows"))):
+        if isinstance(value, (int, float)) and value > 0:
+            steps.append((label, value))
+    return steps
+
+
+def _funnel_section(manifests: dict) -> str:
+    cur = (manifests.get("curate") or {}).get("counts", {})
+    removed = cur.get("removed", {})
+    body = [[_td(k.replace("_", " ")), _td(f"{v:,}", True)] for k, v in removed.items()]
+    table = _table(["removed by curation", "chunks"], body) if body else ""
+    return "<h2>Data funnel</h2>" + _img(plots.funnel(funnel_steps(manifests)), "data funnel") + table
+
+
+def _eval_section(results: dict | None) -> str:
+    if not results:
+        return '<h2>Evaluation</h2><p class="muted">not evaluated yet: run <code>slmforge eval</code></p>'
+    from slmforge.evaluate.compare import cell_text, label, rows, worse_than_base
+
+    models = [m["name"] for m in results["models"]]
+    table_rows = rows(results)
+    body = []
+    for r in table_rows:
+        cells = [_td(label(r)), _td(r["n"], True), _td("" if r["chance"] is None else f"{r['chance']:.3f}", True)]
+        cells += [_td(cell_text(r["cells"].get(m)), True, "worse" if worse_than_base(r, m) else "") for m in models]
+        body.append(cells)
+    html = ["<h2>Evaluation: base vs stages</h2>",
+            "<p>Value [95% CI] (change from base); red = worse than base. Benchmarks come only from held-out documents "
+            "and are frozen (sha256 below); every model is scored on identical items by lm-evaluation-harness.</p>",
+            _table(["benchmark", "n", "chance", *models], body),
+            _img(plots.benchmark_bars([r for r in table_rows if not r["general"]], models), "domain benchmarks")]
+    general = [r for r in table_rows if r["general"]]
+    if general:
+        html += ["<h3>Forgetting check (general ability, not domain data)</h3>", _img(plots.benchmark_bars(general, models), "general")]
+    bench_rows = [[_td(b), _td(m["n"], True), _td(m.get("description", "")), _td(m["sha256"][:16])] for b, m in results["benchmarks"].items()]
+    html += ["<h3>Frozen benchmarks</h3>", _table(["benchmark", "items", "what", "sha256"], bench_rows)]
+    d = results.get("decontamination", {})
+    if d:
+        html.append(f"<h3>Decontamination</h3><p>{d.get('dropped', 0)} candidate items dropped: ≥ {d.get('max_overlap')} of their "
+                    f"{d.get('ngram')}-word n-grams occur in training data ({escape(json.dumps(d.get('training_rows', {})))} rows "
+                    f"indexed). Candidates per kind: {escape(json.dumps(d.get('candidates', {})))}; teacher: "
+                    f"{escape(str(results.get('teacher')))}.</p>")
+        if d.get("examples"):
+            html.append(_table(["dropped item", "overlap"], [[_td(e["text"]), _td(e["overlap"], True)] for e in d["examples"]]))
+    timing = [[_td(m["name"]), _td(m["path"]), _td(f"{m['seconds']:.1f}s", True)] for m in results["models"]]
+    html += ["<h3>Scoring time per model</h3>", _table(["model", "from", "seconds"], timing)]
+    return "".join(html)
+
+
+def _samples_section(predictions: dict[str, list[dict]], models: list[str], n: int) -> str:
+    """A few held-out questions: the reference answer, then each model's generation side by side."""
+    if not predictions or n <= 0:
+        return ""
+    base = predictions.get(models[0], []) if models else []
+    for bench in ("qa", "summary", "cloze"):
+        picked = [r for r in base if r.get("bench") == bench and "prediction" in r][:n]
+        if picked:
+            break
+    else:
+        return ""
+    by_model = {m: {(r["bench"], r["id"]): r for r in predictions.get(m, [])} for m in models}
+    body = []
+    for r in picked:
+        cells = [_td(r["prompt"][-400:]), _td(r["reference"])]
+        cells += [_td(by_model[m].get((bench, r["id"]), {}).get("prediction", "–")) for m in models]
+        body.append(cells)
+    return (f"<h2>Sample generations ({escape(bench)}, held-out)</h2>"
+            + _table(["prompt", "reference", *models], body, "gen"))
+
+
+def _stage_files(run) -> tuple[dict, dict]:
+    manifests = {s: m for s in STAGES if (m := run.manifest(s))}
+    histories = {}
+    for s in ("dapt", "sft", "dpo"):
+        path = run.stage_dir(s) / "log_history.json"
+        if path.is_file():
+            try:
+                histories[s] = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass
+    return manifests, histories
+
+
+def render(run, results: dict | None = None, predictions: dict | None = None, samples: int = 4,
+           extra_timings: dict | None = None) -> str:
+    manifests, histories = _stage_files(run)
+    if results is None and (run.stage_dir("eval") / "results.json").is_file():
+        results = json.loads((run.stage_dir("eval") / "results.json").read_text())
+    if predictions is None and results:
+        pred_dir = run.stage_dir("eval") / "predictions"
+        predictions = {m["name"]: read_jsonl(pred_dir / f"{m['name']}.jsonl") for m in results["models"]
+                       if (pred_dir / f"{m['name']}.jsonl").is_file()}
+    models = [m["name"] for m in results["models"]] if results else []
+    timings = {s: m.get("seconds") for s, m in manifests.items()}
+    timings.update(extra_timings or {})
+    timing_rows = [[_td(s), _td(f"{t:.1f}s" if isinstance(t, (int, float)) else "–", True),
+                    _td(manifests.get(s, {}).get("started", "now"))] for s, t in timings.items()]
+    name = run.root.name
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>slmforge report: {escape(name)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>slmforge run report: {escape(name)}</h1>",
+        f"<p class='muted'>written {time.strftime('%Y-%m-%d %H:%M:%S')} · {escape(str(run.root))}</p>",
+        _funnel_section(manifests),
+        _eval_section(results),
+        "<h2>Training loss</h2>" + _img(plots.loss_curves(histories), "loss curves (no log_history.json yet)"),
+        _samples_section(predictions or {}, models, samples),
+        "<h2>Timings per stage</h2>" + _table(["stage", "seconds", "started"], timing_rows),
+        "<h2>Manifests</h2>",
+        *[f"<details><summary>{escape(s)}</summary><pre>{escape(json.dumps(m, indent=2, default=str))}</pre></details>"
+          for s, m in manifests.items()],
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def write_report(run, results: dict | None = None, predictions: dict | None = None, samples: int = 4,
+                 extra_timings: dict | None = None) -> Path:
+    path = run.root / "report.html"
+    atomic_write_text(path, render(run, results, predictions, samples, extra_timings))
+    return path

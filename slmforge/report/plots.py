@@ -1,0 +1,89 @@
+"""Matplotlib figures for the run report, returned as inline PNG data URIs (the report stays one self-contained file)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+COLORS = ("#7f7f7f", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here, and none needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def to_data_uri(fig) -> str:
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def benchmark_bars(table_rows: list[dict], models: list[str]) -> str | None:
+    """One panel per benchmark metric: a bar per model with its 95% CI, and the chance level as a dashed line."""
+    if not table_rows or not models:
+        return None
+    plt = _plt()
+    cols = min(4, len(table_rows))
+    nrows = (len(table_rows) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 2.8 * nrows), squeeze=False)
+    for ax, r in zip(axes.flat, table_rows):
+        names = [m for m in models if m in r["cells"]]
+        vals = [r["cells"][m]["value"] for m in names]
+        lo = [max(0.0, v - r["cells"][m]["ci"][0]) for m, v in zip(names, vals)]
+        hi = [max(0.0, r["cells"][m]["ci"][1] - v) for m, v in zip(names, vals)]
+        ax.bar(range(len(names)), vals, yerr=[lo, hi], capsize=4, color=[COLORS[i % len(COLORS)] for i in range(len(names))])
+        if r.get("chance") is not None:
+            ax.axhline(r["chance"], ls="--", lw=1, color="black", label="chance")
+            ax.legend(fontsize=7, loc="upper right")
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        arrow = "↓" if r["better"] == "lower" else "↑"
+        ax.set_title(f"{r['bench']} · {r['metric']} {arrow} (n={r['n']})", fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(table_rows):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return to_data_uri(fig)
+
+
+def loss_curves(histories: dict[str, list[dict]]) -> str | None:
+    """Training (and eval, when logged) loss per step for each stage's Trainer log_history."""
+    series = {s: h for s, h in histories.items() if any("loss" in e or "eval_loss" in e for e in h)}
+    if not series:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 2.8), squeeze=False)
+    for ax, (stage, hist) in zip(axes.flat, series.items()):
+        for key, style in (("loss", "-"), ("eval_loss", "--o")):
+            pts = [(e.get("step", i), e[key]) for i, e in enumerate(hist) if isinstance(e.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), style, label=key, ms=3)
+        ax.set_title(stage, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return to_data_uri(fig)
+
+
+def funnel(steps: list[tuple[str, float]]) -> str | None:
+    """Horizontal bars: how much data survived each step (files -> chunks -> curated -> generated)."""
+    if not steps:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(steps) + 0.6))
+    labels, values = zip(*steps)
+    ax.barh(range(len(steps)), values, color="#1f77b4")
+    ax.set_yticks(range(len(steps)), labels, fontsize=8)
+    ax.invert_yaxis()
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:,.0f}", va="center", fontsize=7)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    return to_data_uri(fig)

@@ -1,0 +1,261 @@
+"""The FastAPI app: OpenAI-compatible endpoints in front of an engine, with auth, limits, metrics and routing.
+
+    GET  /health                 liveness + what is served
+    GET  /metrics                Prometheus text format
+    GET  /v1/models
+    POST /v1/chat/completions    (stream, response_format json_schema / json_object, logprobs)
+    POST /v1/completions
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+from dataclasses import replace
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from slmforge.recipe import Recipe, ServeConfig
+from slmforge.serve.engines import LocalEngine, RemoteEngine
+from slmforge.serve.metrics import Metrics
+from slmforge.serve.protocol import (
+    APIError, ChatRequest, CompletionRequest, GenRequest, Generation, chat_chunk, chat_response, completion_chunk,
+    completion_response, new_id, parse, sse,
+)
+from slmforge.serve.router import Router
+
+
+class BodyLimit:
+    """Pure ASGI middleware: 413 for bodies over the limit, by Content-Length or while reading a chunked body."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(send)
+        chunks, size, more = [], 0, True
+        while more:  # read (and bound) the whole body before the app sees it
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._reject(send)
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _reject(self, send):
+        err = APIError(413, f"request body larger than {self.max_bytes} bytes (serve.max_request_bytes)", code="request_too_large")
+        payload = json.dumps(err.body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _gen_request(body: ChatRequest | CompletionRequest, cfg: ServeConfig) -> GenRequest:
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or cfg.default_max_tokens
+    if max_tokens > cfg.max_tokens:
+        raise APIError(400, f"max_tokens {max_tokens} is over this server's limit of {cfg.max_tokens}", "max_tokens")
+    req = GenRequest(max_tokens=max_tokens, temperature=cfg.temperature if body.temperature is None else body.temperature,
+                     top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop or [], seed=body.seed)
+    if isinstance(body, ChatRequest):
+        req.messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        rf = body.response_format
+        if rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or not rf.json_schema.schema_:
+                raise APIError(400, "response_format.json_schema.schema is required for type json_schema", "response_format")
+            req.schema = rf.json_schema.schema_
+        elif rf is not None and rf.type == "json_object":
+            req.schema = {"type": "object"}
+        if req.schema is not None:
+            import jsonschema
+
+            try:
+                jsonschema.validators.validator_for(req.schema).check_schema(req.schema)
+            except jsonschema.SchemaError as err:
+                raise APIError(400, f"response_format: not a valid JSON schema: {err.message}", "response_format") from None
+    else:
+        req.prompt = body.prompt
+    return req
+
+
+def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+    """An app serving `specialist` (LocalEngine or RemoteEngine), falling back to `fallback` (RemoteEngine or None)."""
+    name = model_name or specialist.name
+    metrics = Metrics()
+    router = Router(specialist, fallback, cfg.routing, metrics, name)
+    app = FastAPI(title=f"slmforge: {name}", docs_url=None, redoc_url=None)
+    app.state.metrics, app.state.router = metrics, router
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
+
+    def check_auth(request: Request) -> None:
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not given or not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "backend": getattr(specialist, "base_url", "in process"),
+                "fallback": getattr(fallback, "base_url", None)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        started = time.perf_counter()
+        status = 200
+        try:
+            check_auth(request)
+            return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "slmforge"}]}
+        except APIError as err:
+            status = err.status
+            raise
+        finally:
+            metrics.observe_request("models", status, time.perf_counter() - started)
+
+    async def handle(request: Request, kind: str):
+        started = time.perf_counter()
+        status, streaming = 200, False
+        try:
+            check_auth(request)
+            body = parse(ChatRequest if kind == "chat" else CompletionRequest, await request.body())
+            req = _gen_request(body, cfg)
+            want_lp = bool(body.logprobs) if kind == "chat" else body.logprobs is not None
+            if body.stream:
+                await specialist.validate(req)  # a 4xx must come before the 200 of a stream
+                streaming = True
+                include_usage = bool((body.stream_options or {}).get("include_usage"))
+                return StreamingResponse(stream_events(req, kind, include_usage, started), media_type="text/event-stream",
+                                         headers={"cache-control": "no-cache"})
+            routed = await router.complete(req)
+            build = chat_response if kind == "chat" else completion_response
+            return JSONResponse(build(routed.generation, routed.route, want_lp),
+                                headers={"x-slmforge-answered-by": routed.route["answered_by"], "x-slmforge-route": routed.route["route"]})
+        except APIError as err:
+            status = err.status
+            return JSONResponse(err.body(), status_code=err.status)
+        finally:
+            if not streaming:
+                metrics.observe_request(kind, status, time.perf_counter() - started)
+
+    async def stream_events(req: GenRequest, kind: str, include_usage: bool, started: float):
+        cid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        chunk = (lambda text, finish=None, **kw: chat_chunk(cid, name, {"content": text} if text is not None else {}, finish, **kw)) \
+            if kind == "chat" else (lambda text, finish=None, **kw: completion_chunk(cid, name, text or "", finish, **kw))
+        status = 200
+        try:
+            if kind == "chat":
+                yield sse(chat_chunk(cid, name, {"role": "assistant", "content": ""}))
+            if fallback is None:  # true token streaming: nothing can redirect the answer
+                final: Generation | None = None
+                async for item in specialist.stream(req):
+                    if isinstance(item, str):
+                        yield sse(chunk(item))
+                    else:
+                        final = replace(item, model=name)
+                route = router.account_streamed(final, req)
+            else:  # the router must see the whole answer (confidence, schema) before choosing who answers
+                routed = await router.complete(req)
+                final, route = routed.generation, routed.route
+                yield sse(chunk(final.text))
+            extra = {"slmforge": route}
+            yield sse(chunk(None, final.finish_reason, **extra))
+            if include_usage:
+                yield sse({"id": cid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                           "created": int(time.time()), "model": final.model, "choices": [],
+                           "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
+                                     "total_tokens": final.prompt_tokens + final.completion_tokens}})
+        except APIError as err:
+            status = err.status
+            yield sse(err.body())
+        finally:
+            metrics.observe_request(kind, status, time.perf_counter() - started)
+        yield sse("[DONE]")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await handle(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, "completion")
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------ from a recipe
+def serving_model(recipe: Recipe) -> str:
+    """serve.model 'auto': this run's exported model, else its last trained model, else the base model."""
+    spec = recipe.serve.model
+    if spec != "auto":
+        return spec
+    from slmforge.run import RunDir
+
+    run = RunDir(recipe.run_path)
+    exported = run.stage_dir("export") / "model"
+    if run.manifest("export") and (exported / "config.json").is_file():
+        return str(exported)
+    trained = run.trained_models()
+    return str(list(trained.values())[-1]) if trained else recipe.base_model
+
+
+def _env(var: str) -> str | None:
+    return (os.environ.get(var) or None) if var else None
+
+
+def build_app(recipe: Recipe) -> FastAPI:
+    cfg = recipe.serve
+    name = cfg.model_name or recipe.name
+    if cfg.backend_url:
+        specialist = RemoteEngine(cfg.backend_url, cfg.backend_model or name, _env(cfg.backend_api_key_env), cfg.timeout_s, name=name)
+    else:
+        from slmforge.models import load_causal_lm, load_tokenizer
+
+        spec = serving_model(recipe)
+        device = None if cfg.device == "auto" else cfg.device
+        specialist = LocalEngine(load_causal_lm(spec, device=device), load_tokenizer(spec), name)
+    r = cfg.routing
+    fallback = RemoteEngine(r.fallback_url, r.fallback_model, _env(r.fallback_api_key_env), cfg.timeout_s,
+                            name=r.fallback_model or r.fallback_url) if r.fallback_url else None
+    return create_app(specialist, cfg, fallback=fallback, model_name=name, api_key=_env(cfg.api_key_env))
+
+
+def serve(recipe: Recipe) -> None:
+    import uvicorn
+
+    from slmforge.console import console
+
+    app = build_app(recipe)
+    cfg = recipe.serve
+    auth = "on" if _env(cfg.api_key_env) else f"off (set {cfg.api_key_env} to require a key)"
+    console.print(f"serving [bold]{cfg.model_name or recipe.name}[/bold] on http://{cfg.host}:{cfg.port}/v1 "
+                  f"(auth {auth}; fallback {cfg.routing.fallback_url or 'none'})", highlight=False)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+

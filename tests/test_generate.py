@@ -1,0 +1,244 @@
+"""Generate stage: verifiers on known good/bad items, extractive generators, decontamination, formats, stage run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slmforge.generate import make_items, make_teacher
+from slmforge.generate.extractive import TermIndex, extractive_items
+from slmforge.generate.teachers import Teacher, TeacherError, generate_cached
+from slmforge.generate.text import ngrams, sentences
+from slmforge.generate.verify import Verifier, item_texts
+from slmforge.recipe import GenerateConfig, GenerateVerifyConfig, build_recipe
+from slmforge.records import Chunk, Item
+from slmforge.run import RunDir, atomic_write_json, atomic_write_jsonl, read_jsonl, sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "runs" / "postgres-demo" / "curate"
+PASSAGE = ("The bytea data type allows storage of binary strings. A binary string is a sequence of octets. "
+           "Binary strings specifically allow storing octets of value zero and other non-printable octets. "
+           "The output format depends on the configuration parameter bytea_output; the default is hex.")
+
+
+def _item(**kw) -> Item:
+    base = dict(id="x", kind="qa", chunk_id="c-0000", doc_id="c", origin="teacher", context=PASSAGE,
+                prompt="What does the bytea data type store?", answer="The bytea data type stores binary strings.")
+    base.update(kw)
+    return Item(**base)
+
+
+def _chunks(path: Path, n: int | None = None) -> list[Chunk]:
+    rows = read_jsonl(path, Chunk)
+    return rows[:n] if n else rows
+
+
+# ------------------------------------------------------------------------------------------------ verifiers
+def test_verifier_accepts_good_and_names_the_reason_for_bad_items():
+    v = Verifier(GenerateVerifyConfig(), avoid_texts=["completely unrelated held out text " * 3])
+    assert v.check(_item()) is None
+    cases = {
+        "ungrounded_answer": _item(id="a", answer="Kubernetes schedules docker containers across nodes in clusters."),
+        "ungrounded_question": _item(id="b", prompt="Who won the football world cup in Brazil?"),
+        "schema: answer is not choices[answer_index]": _item(id="c", kind="mcq", choices=["bytea", "text", "json", "xml"],
+                                                              answer_index=1, answer="bytea"),
+        "schema: choices must be distinct and non-empty": _item(id="d", kind="mcq", choices=["bytea", "bytea", "json", "xml"],
+                                                                  answer_index=0, answer="bytea"),
+        "schema: rejected equals chosen": _item(id="e", kind="preference", rejected="The bytea data type stores binary strings."),
+        "rejected_not_worse": _item(id="f", kind="preference", rejected="The bytea type stores binary strings of octets."),
+        "repetitive": _item(id="g", answer="binary strings.\nbinary strings.\nbinary strings.\nbinary strings."),
+        "answer_repeats_question": _item(id="h", answer="What does the bytea data type store? It stores octets."),
+        "copies_passage": _item(id="i", kind="summary", prompt=PASSAGE, answer=PASSAGE.rsplit(" The output", 1)[0]),
+        "near_duplicate": _item(id="j", answer="The bytea data type stores binary strings!"),
+        "rejected_contains_chosen": _item(id="n", kind="preference", prompt="What does bytea hold?", answer="Binary strings of octets.",
+                                          rejected="The answer to this question is: binary strings of octets, I think."),
+        "truncated": _item(id="m", kind="summary", prompt=PASSAGE, answer="Binary strings in bytea are octets, and the output format of"),
+    }
+    for reason, item in cases.items():
+        assert v.check(item) == reason, reason
+    # a worse (ungrounded) rejected side passes; an extractive item needs no grounding check
+    assert v.check(_item(id="k", kind="preference", prompt="What does bytea hold?", answer="Binary strings: sequences of octets.",
+                         rejected="It holds JSON documents and XML trees.")) is None
+    assert v.check(_item(id="l", origin="extractive", prompt="Which term fits here?", answer="zebra")) is None
+
+
+def test_verifier_rejects_heldout_ngram_overlap_in_any_field():
+    heldout = "In short, binary strings are appropriate for storing data that the programmer thinks of as raw bytes, always."
+    v = Verifier(GenerateVerifyConfig(heldout_ngram=13), avoid_texts=[heldout])
+    copied = "binary strings are appropriate for storing data that the programmer thinks of as raw bytes"
+    assert v.check(_item(id="a", answer=f"Octets. {copied}.", origin="extractive")) == "heldout_overlap"
+    assert v.check(_item(id="b", kind="preference", origin="extractive", answer="Binary strings.", rejected=copied)) == "heldout_overlap"
+    twelve = " ".join(copied.split()[:12])  # one word short of the limit: allowed
+    assert v.check(_item(id="c", answer=twelve, origin="extractive")) is None
+
+
+# ------------------------------------------------------------------------------------------------ extractive
+def test_extractive_items_are_correct_by_construction():
+    chunks = _chunks(DEMO / "train.jsonl")
+    terms = TermIndex(chunks)
+    items = [i for c in chunks[:80] for i in extractive_items(c, ["mcq", "cloze", "qa", "preference"], terms, 2, seed=0)]
+    kinds = {i.kind for i in items}
+    assert kinds == {"mcq", "cloze", "qa", "preference"}
+    by_id = {c.id: c for c in chunks}
+    for it in items:
+        text = by_id[it.chunk_id].text
+        if it.kind in ("mcq", "cloze"):
+            assert len(it.choices) == 4 and it.choices[it.answer_index] == it.answer
+            assert it.answer in text
+            own = {w.lower() for w in terms.in_chunk[it.chunk_id]}
+            assert all(c.lower() not in own for c in it.choices if c != it.answer), "a distractor occurs in the passage"
+        if it.kind == "preference":
+            assert " ".join(it.answer.split()) in " ".join(text.split()) and it.rejected != it.answer
+        if it.kind == "qa":
+            assert it.prompt.startswith("What ") and " ".join(it.answer.split()) in " ".join(text.split())
+    again = [i for c in chunks[:80] for i in extractive_items(c, ["mcq", "cloze", "qa", "preference"], terms, 2, seed=0)]
+    assert [i.id for i in again] == [i.id for i in items]  # deterministic for a seed
+
+
+def test_make_items_without_teacher_never_overlaps_heldout(tmp_path):
+    train = _chunks(DEMO / "train.jsonl", 120)
+    heldout = _chunks(DEMO / "heldout.jsonl")
+    # a contaminated held-out chunk: it repeats two sentences of the training split verbatim
+    leaked = [s for c in train[:10] for s in sentences(c.text) if len(s.split()) >= 14][:6]
+    assert leaked
+    heldout.append(Chunk(id="leak-0000", doc_id="leak", index=0, source="leak", title="leak", headings=[],
+                         text=" ".join(leaked), n_tokens=100))
+    avoid = [c.text for c in heldout]
+    items, rejected = make_items(train, ["mcq", "cloze", "qa", "preference"], GenerateConfig(),
+                                 cache_dir=tmp_path, seed=0, avoid_texts=avoid)
+    assert len(items) > 200 and {i.origin for i in items} == {"extractive"}
+    assert any(r["reason"] == "heldout_overlap" for r in rejected)
+    held = set().union(*(ngrams(t, 13) for t in avoid))
+    for it in items:
+        for t in item_texts(it):
+            assert held.isdisjoint(ngrams(t, 13)), (it.id, t)
+    assert len({i.id for i in items}) == len(items)
+    with pytest.raises(ValueError, match="unknown item kinds"):
+        make_items(train, ["essay"], GenerateConfig(), cache_dir=tmp_path, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ teachers
+class CountingTeacher(Teacher):
+    """A plumbing double for the cache (the real teachers are tested below and in test_generate_http.py)."""
+
+    name = "counting"
+    batch_hint = 3
+
+    def __init__(self, fail: set[str] = frozenset()):
+        self.calls, self.fail = 0, fail
+
+    def identity(self):
+        return {"backend": "counting"}
+
+    def complete(self, requests):
+        self.calls += len(requests)
+        return [TeacherError("boom") if r["messages"][0]["content"] in self.fail else r["messages"][0]["content"].upper()
+                for r in requests]
+
+
+def test_generate_cached_pays_once_and_retries_only_failures(tmp_path):
+    reqs = [{"messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 4} for i in range(7)] * 2  # duplicates
+    t = CountingTeacher(fail={"q3"})
+    out = generate_cached(t, reqs, tmp_path)
+    assert t.calls == 7 and out[0] == "Q0" and isinstance(out[3], TeacherError) and out[7] == "Q0"
+    t2 = CountingTeacher()
+    out2 = generate_cached(t2, reqs, tmp_path)
+    assert t2.calls == 1 and out2[3] == "Q3"  # only the failed request went out again
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised Llama of SmolLM2's architecture, with the real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from slmforge.models import resolve_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(resolve_model("default"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_transformers_teacher_batches_and_matches_sequential(tiny_model):
+    cfg = GenerateConfig(teacher={"model": str(tiny_model), "batch_size": 4, "max_new_tokens": 6})
+    teacher = make_teacher(cfg, "default")
+    reqs = [{"messages": [{"role": "user", "content": "Explain bytea " * (1 + i)}], "max_tokens": 6, "temperature": 0.0, "seed": 0}
+            for i in range(4)]
+    batched = teacher.complete(reqs)
+    sequential = [teacher.complete([r])[0] for r in reqs]
+    assert len(batched) == 4 and all(isinstance(t, str) and t for t in batched)
+    assert batched == sequential  # left padding: a row's greedy output does not depend on its batch mates
+
+
+# ------------------------------------------------------------------------------------------------ stage
+def _fake_run(tmp_path: Path, n_train: int, extra_heldout: list[Chunk]) -> Path:
+    root = tmp_path / "runs" / "t"
+    cur = root / "curate"
+    cur.mkdir(parents=True)
+    atomic_write_jsonl(cur / "train.jsonl", _chunks(DEMO / "train.jsonl", n_train))
+    atomic_write_jsonl(cur / "heldout.jsonl", _chunks(DEMO / "heldout.jsonl") + extra_heldout)
+    outputs = {p.name: sha256_file(p) for p in cur.glob("*.jsonl")}
+    atomic_write_json(cur / "manifest.json", {"stage": "curate", "key": "test", "outputs": outputs, "counts": {}})
+    return tmp_path / "runs"
+
+
+def test_generate_stage_end_to_end_with_tiny_teacher(tmp_path, tiny_model, monkeypatch):
+    from slmforge.generate.stage import GenerateStage
+    from slmforge.generate.teachers import TransformersTeacher
+
+    train = _chunks(DEMO / "train.jsonl", 40)
+    leak = " ".join(s for s in sentences(train[1].text) if len(s.split()) >= 14)
+    runs = _fake_run(tmp_path, 40, [Chunk(id="leak-0000", doc_id="leak", index=0, source="l", title="l", headings=[], text=leak, n_tokens=9)])
+    data = {"name": "t", "documents": str(ROOT / "examples/postgres/docs"), "run_dir": str(runs),
+            "generate": {"enabled": True, "max_chunks": 3, "max_passage_words": 60,
+                         "teacher": {"model": str(tiny_model), "max_new_tokens": 8, "batch_size": 4, "api_key": "sk-SECRET-123"}}}
+    recipe = build_recipe(data)
+    calls = []
+    real = TransformersTeacher.complete
+    monkeypatch.setattr(TransformersTeacher, "complete", lambda self, reqs: calls.append(len(reqs)) or real(self, reqs))
+    run = RunDir(recipe.run_path)
+    outcome = run.execute(GenerateStage(), recipe)
+    out = run.stage_dir("generate")
+    assert not outcome.skipped and sum(calls) > 0
+    assert "sk-SECRET-123" not in (out / "manifest.json").read_text()
+
+    items = read_jsonl(out / "items.jsonl", Item)
+    rejected = read_jsonl(out / "rejected.jsonl")
+    assert all("reason" in r for r in rejected)
+    assert any(r["reason"] == "heldout_overlap" for r in rejected)
+    assert len({i.id for i in items}) == len(items)
+    # every model-written request ended as an item or a rejected row (a random tiny teacher writes junk: rejected)
+    model_units = {r["unit"] for r in rejected if r.get("unit")}
+    assert len(model_units) + sum(i.origin != "extractive" for i in items) >= 3 * 3  # 3 chunks x qa/summary/rephrase
+
+    held = set().union(*(ngrams(c.text, 13) for c in read_jsonl(runs / "t/curate/heldout.jsonl", Chunk)))
+    texts = [t for i in items for t in item_texts(i)]
+    texts += [r["text"] for r in read_jsonl(out / "pretrain.jsonl")]
+    texts += [m["content"] for r in read_jsonl(out / "sft.jsonl") for m in r["messages"]]
+    texts += [r[k][0]["content"] for r in read_jsonl(out / "dpo.jsonl") for k in ("prompt", "chosen", "rejected")]
+    assert all(held.isdisjoint(ngrams(t, 13)) for t in texts)
+
+    # TRL's documented columns
+    sft, dpo, pre = (read_jsonl(out / f) for f in ("sft.jsonl", "dpo.jsonl", "pretrain.jsonl"))
+    assert sft and dpo and pre
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] and r["chunk_id"] and r["teacher"] for r in sft)
+    assert all(r["prompt"][0]["role"] == "user" and r["chosen"][0]["role"] == r["rejected"][0]["role"] == "assistant" for r in dpo)
+    assert {r["kind"] for r in pre} >= {"reading_comprehension"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["per_generator"]["mcq/extractive"]["accepted"] > 0
+    assert 0 <= report["per_generator"]["mcq/extractive"]["rate"] <= 1
+
+    # a forced rerun resumes from the response cache: the teacher is not asked again
+    calls.clear()
+    run.execute(GenerateStage(), recipe, force=True)
+    assert sum(calls) == 0
+    assert [i.id for i in read_jsonl(out / "items.jsonl", Item)] == [i.id for i in items]
+    assert run.execute(GenerateStage(), recipe).skipped
