@@ -1,0 +1,94 @@
+"""DAPT stage: continued pretraining on domain text mixed with general replay, packed, on a warmup-stable-decay schedule.
+
+    curate/train.jsonl (+ generate/pretrain.jsonl) ──┐
+    general replay (self-synthesized, or a file) ───┴─> packed blocks in mixture order -> transformers Trainer
+"""
+
+from __future__ import annotations
+
+import math
+
+from slmforge.models import cache_root
+from slmforge.run import Stage, StageContext, atomic_write_jsonl, hash_obj, sha256_file
+from slmforge.train import common, mixture
+
+
+class DaptStage(Stage):
+    name = "dapt"
+    version = "1"
+
+    def inputs(self, recipe, run):
+        if run.manifest("curate") is None:
+            run.require("curate", "train.jsonl")
+        _, model_key = common.start_model(recipe, run, self.name)
+        out = {"curate": run.manifest("curate")["outputs"]["train.jsonl"], "model": model_key}
+        gen = run.manifest("generate")
+        if recipe.dapt.synthetic and gen and "pretrain.jsonl" in gen["outputs"]:
+            out["pretrain"] = gen["outputs"]["pretrain.jsonl"]
+        if recipe.dapt.general_dataset is not None and recipe.dapt.general_dataset.is_file():
+            out["general"] = sha256_file(recipe.dapt.general_dataset)
+        return out
+
+    def run(self, ctx: StageContext) -> None:
+        from transformers import AutoTokenizer
+
+        cfg, seed = ctx.recipe.dapt, ctx.recipe.seed
+        model_path, model_key = common.start_model(ctx.recipe, ctx.run, self.name)
+        tok = AutoTokenizer.from_pretrained(model_path)
+        domain, counts = mixture.domain_texts(ctx.run, cfg.synthetic)
+        if not domain:
+            raise ValueError(f"{ctx.run.stage_dir('curate') / 'train.jsonl'} holds no text to train on")
+        general: list[str] = []
+        if cfg.domain_ratio < 1 or cfg.upsample_ratio < 1:
+            if cfg.general_dataset is not None:
+                general = mixture.user_general_texts(cfg.general_dataset)
+                counts["general_source"] = str(cfg.general_dataset)
+            else:
+                general = mixture.synthesize_replay(
+                    model_path, model_key, cache_root() / "replay", samples=cfg.replay_samples,
+                    max_new_tokens=cfg.replay_max_new_tokens, temperature=cfg.replay_temperature, seed=seed)
+                counts["general_source"] = "self-synthesized"
+            counts["general_texts"] = len(general)
+        n_blocks = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.processes
+        targets = mixture.plan(n_blocks, cfg.domain_ratio, cfg.upsample_last, cfg.upsample_ratio)
+        blocks, mix_counts = mixture.mix(mixture.pack(domain, tok, cfg.max_length),
+                                         mixture.pack(general, tok, cfg.max_length) if general else [], targets, seed)
+        data = ctx.scratch / f"blocks-{hash_obj(blocks)[:12]}.jsonl"
+        if not data.is_file():
+            atomic_write_jsonl(data, blocks)
+        counts.update(mix_counts)
+        counts.update(common.train(self.name, model=model_path, data=data, ctx=ctx, cfg=cfg, extra={}))
+        ctx.counts.update(counts)
+
+    def summary_rows(self, counts):
+        rows = common.summary_rows(self.name, counts)
+        if counts:
+            rows.insert(1, ("dapt: domain share (tokens)", f"{counts.get('domain_share_tokens', 1.0):.0%} "
+                                                          f"(replay: {counts.get('general_source', 'none')})"))
+        return rows
+
+
+def lr_schedule(cfg: dict) -> dict:
+    """Trainer arguments for the learning-rate schedule; wsd = warmup, constant, then decay over the last `decay_ratio`."""
+    if cfg["lr_schedule"] != "wsd":
+        return {"lr_scheduler_type": cfg["lr_schedule"]}
+    return {"lr_scheduler_type": "warmup_stable_decay",
+            "lr_scheduler_kwargs": {"num_decay_steps": max(1, math.ceil(cfg["decay_ratio"] * cfg["max_steps"]))}}
+
+
+def make_trainer(model, tok, dataset, kwargs: dict, job: dict):
+    """A transformers Trainer that keeps the block order (the mixture schedule) and packs without cross-document attention."""
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainingArguments
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    class InOrderTrainer(Trainer):
+        # The mixture plan (ratio per step, domain upsampling at the end) is laid out in order; shuffling would undo it.
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    kwargs = {**kwargs, "include_num_input_tokens_seen": "all"}  # padding-free: no pad tokens (pad id = EOS here)
+    args = TrainingArguments(**kwargs, **lr_schedule(job["config"]), remove_unused_columns=False)
+    # padding-free: a batch is one flat sequence with position_ids restarting per document -> block-diagonal attention
+    collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
+    return InOrderTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tok)

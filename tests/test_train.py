@@ -1,0 +1,323 @@
+"""Training stages (DAPT -> SFT -> DPO) on a tiny random-init Llama with the real tokenizer; one test uses the real model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from slmforge.recipe import build_recipe
+from slmforge.run import RunDir, atomic_write_json, atomic_write_jsonl, sha256_file
+from slmforge.train import common, dapt, mixture, sft
+
+ROOT = Path(__file__).resolve().parents[1]
+DOMAIN = [f"PostgreSQL table {i}: CREATE INDEX builds a btree index on the column; VACUUM reclaims storage of dead tuples."
+          for i in range(24)]
+GENERAL = [f"Bananas and apples grow in the orchard number {i}; the farmer sells fruit at the market every morning."
+           for i in range(12)]
+SFT_ROWS = [{"messages": [{"role": "user", "content": f"What does VACUUM do? ({i})"},
+                          {"role": "assistant", "content": f"VACUUM reclaims storage occupied by dead tuples {i}."}]}
+            for i in range(16)]
+DPO_ROWS = [{"prompt": [{"role": "user", "content": f"What does CREATE INDEX build? ({i})"}],
+             "chosen": [{"role": "assistant", "content": "A btree index by default."}],
+             "rejected": [{"role": "assistant", "content": "A new table with no rows."}]} for i in range(16)]
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> str:
+    from slmforge.models import resolve_model
+
+    return resolve_model("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, real_model_dir) -> str:
+    """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tok = AutoTokenizer.from_pretrained(real_model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def make_run(tmp: Path, model: str, *, generate: bool = True, general_file: Path | None = None, **sections) -> tuple:
+    """A run directory with finished curate (and generate) stages, and a recipe training `model`."""
+    docs = tmp / "docs"
+    docs.mkdir(parents=True, exist_ok=True)
+    data = {"name": "t", "documents": str(docs), "run_dir": str(tmp / "runs"), "base_model": model, **sections}
+    if general_file is not None:
+        data.setdefault("dapt", {})["general_dataset"] = str(general_file)
+    recipe = build_recipe(data)
+    run = RunDir(recipe.run_path)
+    _finish(run, "curate", {"train.jsonl": [{"text": t} for t in DOMAIN],
+                            "heldout.jsonl": [{"text": "HELDOUT never train on this"}]})
+    if generate:
+        _finish(run, "generate", {"pretrain.jsonl": [{"text": t.replace("table", "rephrased table"), "chunk_id": "c",
+                                                      "teacher": "x", "kind": "rephrase"} for t in DOMAIN[:4]],
+                                  "sft.jsonl": SFT_ROWS, "dpo.jsonl": DPO_ROWS})
+    return recipe, run
+
+
+def _finish(run: RunDir, stage: str, files: dict) -> None:
+    folder = run.stage_dir(stage)
+    for name, rows in files.items():
+        atomic_write_jsonl(folder / name, rows)
+    atomic_write_json(folder / "manifest.json", {"stage": stage, "outputs": {n: sha256_file(folder / n) for n in files}})
+
+
+TINY_TRAIN = {"max_steps": 4, "batch_size": 2, "max_length": 64, "save_steps": 2, "report_to": ["tensorboard"]}
+
+
+def generate_text(folder: Path, prompt: str = "What does VACUUM do?", tokens: int = 5) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    out = model.generate(**ids, max_new_tokens=tokens, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    return tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+# ---------------------------------------------------------------------------------------------- mixture
+def test_mix_meets_the_token_ratio_with_unequal_blocks_and_upsamples_at_the_end():
+    domain = [{"input_ids": [1] * 64, "seq_lengths": [64]}] * 5
+    general = [{"input_ids": [2] * 20, "seq_lengths": [20]}] * 3  # small replay blocks: a block count would mislead
+    blocks, counts = mixture.mix(domain, general, mixture.plan(200, 0.75, upsample_last=0.2, upsample_ratio=1.0), seed=0)
+    main, tail = blocks[:160], blocks[160:]
+    for stretch in (main[:40], main[40:80], main[80:]):  # met over every stretch, not only on average
+        dom = sum(len(b["input_ids"]) for b in stretch if b["source"] == "domain")
+        assert abs(dom / sum(len(b["input_ids"]) for b in stretch) - 0.75) < 0.03
+    assert all(b["source"] == "domain" for b in tail)
+    assert counts["domain_blocks"] + counts["general_blocks"] == 200 and counts["general_blocks"] > 40
+
+
+def test_mixture_ratio_is_realised_in_the_trainers_batches(tmp_path, tiny_model):
+    """Count domain vs general tokens in the batches the DAPT Trainer actually feeds the model."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = build_recipe({"name": "t", "documents": str(tmp_path), "dapt": {**TINY_TRAIN, "max_steps": 20,
+                        "domain_ratio": 0.75, "upsample_last": 0.2, "upsample_ratio": 1.0}}).dapt
+    n = cfg.max_steps * cfg.batch_size
+    blocks, counts = mixture.mix(mixture.pack(DOMAIN, tok, 64), mixture.pack(GENERAL, tok, 64),
+                                 mixture.plan(n, cfg.domain_ratio, cfg.upsample_last, cfg.upsample_ratio), seed=0)
+    atomic_write_jsonl(tmp_path / "blocks.jsonl", blocks)
+    model, tok = common.load_model_and_tokenizer(tiny_model, cfg.model_dump(mode="json"))
+    trainer = dapt.make_trainer(model, tok, load_dataset("json", data_files=str(tmp_path / "blocks.jsonl"), split="train"),
+                                common.trainer_kwargs(cfg.model_dump(mode="json"), tmp_path / "ckpt", 0),
+                                {"config": cfg.model_dump(mode="json")})
+    per_batch = []  # (domain tokens, general tokens) in each batch, classified per packed document
+    for batch in trainer.get_train_dataloader():
+        ids, pos = batch["input_ids"][0], batch["position_ids"][0]
+        assert "attention_mask" not in batch  # padding-free: one flat sequence, positions restart per document
+        starts = (pos == 0).nonzero().flatten().tolist() + [len(ids)]
+        tokens = {"domain": 0, "general": 0}
+        for a, b in zip(starts, starts[1:]):
+            text = tok.decode(ids[a:b])
+            kind = "general" if "orchard" in text or "market" in text else "domain"
+            assert kind == "general" or "VACUUM" in text or "index" in text or "PostgreSQL" in text, text
+            tokens[kind] += b - a
+        per_batch.append((tokens["domain"], tokens["general"]))
+    assert len(per_batch) == cfg.max_steps
+    before, after = per_batch[:16], per_batch[16:]
+    domain, general = sum(d for d, _ in before), sum(g for _, g in before)
+    assert 0.7 <= domain / (domain + general) <= 0.8, per_batch  # 75% domain before the upsampling phase
+    assert all(g == 0 and d > 0 for d, g in after), "the final 20% of steps must be all domain (upsampling)"
+    assert counts["domain_blocks"] + counts["general_blocks"] == 40
+    assert counts["domain_share_tokens"] == pytest.approx((domain + sum(d for d, _ in after)) / sum(map(sum, per_batch)), abs=1e-3)
+
+
+def test_self_synthesized_replay_is_cached(tmp_path, tiny_model, monkeypatch):
+    texts = mixture.synthesize_replay(tiny_model, "k", tmp_path, samples=3, max_new_tokens=6, temperature=0.8, seed=0,
+                                      batch_size=2)
+    assert 1 <= len(texts) <= 3 and all("<|im_start|>assistant" in t for t in texts)
+    monkeypatch.setattr(mixture, "_generate", lambda *a, **k: pytest.fail("replay regenerated despite the cache"))
+    assert mixture.synthesize_replay(tiny_model, "k", tmp_path, samples=3, max_new_tokens=6, temperature=0.8, seed=0,
+                                     batch_size=2) == texts
+
+
+def test_packed_documents_do_not_attend_to_each_other(tmp_path, tiny_model):
+    """In the model as the DAPT Trainer holds it, a document packed after another gives the logits it gives alone."""
+    from datasets import Dataset
+
+    cfg = build_recipe({"name": "t", "documents": str(tmp_path), "dapt": TINY_TRAIN}).dapt.model_dump(mode="json")
+    model, tok = common.load_model_and_tokenizer(tiny_model, cfg)
+    trainer = dapt.make_trainer(model, tok, Dataset.from_list([{"input_ids": [1, 2], "seq_lengths": [2]}]),
+                                common.trainer_kwargs(cfg, tmp_path, 0), {"config": cfg})
+    model = trainer.model.train()
+    a, b = torch.randint(10, 1000, (1, 7)), torch.randint(10, 1000, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    pos = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0)
+    with torch.no_grad():
+        together = model(input_ids=packed, position_ids=pos).logits[0, 7:]
+        alone = model(input_ids=b).logits[0]
+        leaky = model(input_ids=packed, position_ids=pos, use_cache=True).logits[0, 7:]  # a cache disables the check
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+    assert (leaky - alone).abs().max() > 1e-3  # the comparison can fail: attention across documents shows up
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+def test_sft_loss_only_on_assistant_tokens(tmp_path, tiny_model):
+    from datasets import Dataset
+
+    cfg = build_recipe({"name": "t", "documents": str(tmp_path), "sft": {**TINY_TRAIN, "max_length": 128}}).sft
+    cfgd = cfg.model_dump(mode="json")
+    model, tok = common.load_model_and_tokenizer(tiny_model, cfgd)
+    trainer = sft.make_trainer(model, tok, Dataset.from_list(SFT_ROWS[:4]), common.trainer_kwargs(cfgd, tmp_path, 0),
+                               {"config": cfgd})
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    trained = tok.decode(ids[labels != -100])
+    ignored = tok.decode(ids[labels == -100])
+    assert trained.count("<|im_end|>") == 4 and trained.count("VACUUM reclaims storage") == 4  # replies + end of turn
+    assert "What does VACUUM do" not in trained and "SmolLM" not in trained and "user" not in trained
+    assert ignored.count("What does VACUUM do") == 4
+    assert int((batch["position_ids"][0] == 0).sum()) == 4  # packed: 4 conversations, positions restart
+    # the template used for masking renders exactly like the base template
+    plain = tok.apply_chat_template(SFT_ROWS[0]["messages"], tokenize=False, chat_template=open(Path(tiny_model) / "chat_template.jinja").read())
+    assert tok.apply_chat_template(SFT_ROWS[0]["messages"], tokenize=False) == plain
+
+
+def test_sft_without_generate_output_names_the_missing_artifact(tmp_path, tiny_model):
+    recipe, run = make_run(tmp_path, tiny_model, generate=False, sft={"enabled": True})
+    with pytest.raises(FileNotFoundError, match=r"generate/sft.jsonl is missing"):
+        run.execute(sft.SftStage(), recipe)
+
+
+# ---------------------------------------------------------------------------------------------- stages end to end
+def test_dapt_sft_dpo_chain_produces_loadable_models(tmp_path, tiny_model):
+    general = tmp_path / "general.jsonl"
+    atomic_write_jsonl(general, [{"text": t} for t in GENERAL])
+    recipe, run = make_run(tmp_path, tiny_model, general_file=general,
+                           dapt={"enabled": True, **TINY_TRAIN, "domain_ratio": 0.5},
+                           sft={"enabled": True, **TINY_TRAIN, "method": "lora", "max_length": 128},
+                           dpo={"enabled": True, **TINY_TRAIN, "max_length": 128})
+    from slmforge.train.dpo import DpoStage
+
+    before = {k: v.clone() for k, v in _weights(Path(tiny_model)).items()}
+    for stage in (dapt.DaptStage(), sft.SftStage(), DpoStage()):
+        outcome = run.execute(stage, recipe)
+        counts = outcome.manifest["counts"]
+        assert counts["steps"] == 4 and counts["tokens_seen"] > 0 and counts["final_loss"] is not None
+        folder = run.stage_dir(stage.name)
+        history = json.loads((folder / "log_history.json").read_text())
+        assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
+        assert list((folder / "tensorboard").rglob("events.out.tfevents*"))
+        assert (folder / "model" / "chat_template.jinja").read_text() == (Path(tiny_model) / "chat_template.jinja").read_text()
+        generate_text(folder / "model")
+    assert run.manifest("dapt")["counts"]["synthetic_texts"] == 4
+    assert run.manifest("sft")["counts"]["start_model"] == str(run.stage_dir("dapt") / "model")
+    assert run.manifest("dpo")["counts"]["start_model"] == str(run.stage_dir("sft") / "model")
+    assert (run.stage_dir("sft") / "adapter" / "adapter_config.json").is_file()
+    assert not (run.stage_dir("sft") / "model" / "adapter_config.json").exists()  # merged, plain model folder
+    after = _weights(run.stage_dir("dapt") / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert set(run.trained_models()) == {"dapt", "sft", "dpo"}
+    assert run.execute(dapt.DaptStage(), recipe).skipped  # unchanged -> skipped
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- resume, DDP
+def _write_recipe(tmp_path: Path, recipe) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    return path
+
+
+def test_resume_after_kill9_continues_from_checkpoint(tmp_path, tiny_model):
+    general = tmp_path / "general.jsonl"
+    atomic_write_jsonl(general, [{"text": t} for t in GENERAL])
+    recipe, run = make_run(tmp_path, tiny_model, general_file=general,
+                           dapt={"enabled": True, **TINY_TRAIN, "max_steps": 30, "save_steps": 3, "report_to": []})
+    path = _write_recipe(tmp_path, recipe)
+    env = {**os.environ, "SLMFORGE_QUIET": "1"}
+    cmd = [sys.executable, "-m", "slmforge.cli", "train", str(path)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any((c / "trainer_state.json").is_file() for c in (run.root / ".work").glob("dapt-*/scratch/checkpoints/checkpoint-*")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert run.manifest("dapt") is None
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = run.manifest("dapt")["counts"]
+    assert counts["resumed_from_step"] >= 3 and counts["resumed_from_step"] % 3 == 0
+    assert counts["steps"] == 30
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_ddp_two_processes_match_one_process(tmp_path, tiny_model, precision):
+    """`accelerate launch` with 2 CPU processes (gloo) gives the same model as 1 process on the same global batch.
+
+    Tolerances: fp32 -> weights within 1e-4 (measured ~1e-7); auto (bf16 autocast on AMX CPUs) -> bf16 rounding of
+    differently ordered sums, weights within 1e-3 and 20% of the update itself (measured ~4e-4 of ~3e-3).
+    """
+    general = tmp_path / "general.jsonl"
+    atomic_write_jsonl(general, [{"text": t} for t in GENERAL])
+    results, before = {}, _weights(Path(tiny_model))
+    for procs in (1, 2):
+        recipe, run = make_run(tmp_path / f"p{procs}", tiny_model, general_file=general,
+                               dapt={"enabled": True, **TINY_TRAIN, "max_steps": 3, "batch_size": 4 // procs,
+                                     "processes": procs, "report_to": [], "learning_rate": 1e-3, "precision": precision})
+        outcome = run.execute(dapt.DaptStage(), recipe)
+        assert outcome.manifest["counts"]["processes"] == procs
+        results[procs] = (_weights(run.stage_dir("dapt") / "model"), json.loads((run.stage_dir("dapt") / "log_history.json").read_text()))
+    one, two = results[1], results[2]
+    losses1 = [h["loss"] for h in one[1] if "loss" in h]
+    losses2 = [h["loss"] for h in two[1] if "loss" in h]
+    assert len(losses1) == len(losses2) == 3
+    # tolerance: fp32 reductions run in a different order across 2 processes; measured differences are ~1e-6
+    loss_diff = max(abs(a - b) for a, b in zip(losses1, losses2))
+    weight_diff = max((one[0][k] - two[0][k]).abs().max().item() for k in one[0])
+    print(f"DDP 2 vs 1 process: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}")
+    update = max((one[0][k] - before[k]).abs().max().item() for k in before)
+    exact = precision == "fp32" or not common.cpu_fast_bf16()
+    assert loss_diff < 1e-3 and weight_diff < (1e-4 if exact else 1e-3)
+    assert weight_diff < (0.01 if exact else 0.2) * update  # well below the training update itself
+
+
+# ---------------------------------------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_real_default_model_from_gguf_trains_and_generates(tmp_path, monkeypatch):
+    """Convert the packaged GGUF afresh, train the real SmolLM2-135M-Instruct a few DAPT steps, load and generate."""
+    from slmforge.models import default_gguf, resolve_model
+
+    monkeypatch.setenv("SLMFORGE_CACHE", str(tmp_path / "cache"))
+    folder = Path(resolve_model("default"))
+    assert folder.is_relative_to(tmp_path) and (folder / "model.safetensors").is_file()
+    assert sha256_file(default_gguf())[:16] == folder.name
+    recipe, run = make_run(tmp_path, "default", dapt={"enabled": True, "max_steps": 2, "batch_size": 1, "max_length": 64,
+                                                      "domain_ratio": 1.0, "report_to": [], "save_steps": 10})
+    outcome = run.execute(dapt.DaptStage(), recipe)
+    counts = outcome.manifest["counts"]
+    assert counts["steps"] == 2 and 2 < counts["first_loss"] < 12
+    before, after = _weights(folder), _weights(run.stage_dir("dapt") / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert generate_text(run.stage_dir("dapt") / "model", tokens=4).strip()
