@@ -63,7 +63,22 @@ def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None
             console.print(f"  done in {outcome.manifest['seconds']:.1f}s → {run.stage_dir(name)}")
         outcomes.append(outcome)
     _summary(outcomes)
+    _results(run)
     return outcomes
+
+
+def _results(run: RunDir) -> None:
+    """The comparison table and where the report, model, GGUF and benchmarks are, when they exist."""
+    table = run.stage_dir("eval") / "table.md"
+    if table.is_file():
+        console.print("\n[bold]comparison: base vs every stage (held-out benchmarks, 95% CIs)[/bold]")
+        console.print(table.read_text(encoding="utf-8"), markup=False, highlight=False)
+    places = [("report", run.root / "report.html"), ("model", run.stage_dir("export") / "model"),
+              ("GGUF", run.stage_dir("export") / "gguf"), ("benchmarks", run.stage_dir("eval") / "benchmarks"),
+              ("lm-eval tasks", run.stage_dir("eval") / "lm_eval")]
+    found = [(what, path) for what, path in places if path.exists()]
+    for what, path in found:
+        console.print(f"  {what:<14} {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _summary(outcomes: list[StageOutcome]) -> None:

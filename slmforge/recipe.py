@@ -213,6 +213,8 @@ class SftConfig(TrainSection):
     learning_rate: float = Field(5e-5, gt=0)
     packing: bool = Field(True, description="BFD packing, padding-free, no attention across examples")
     assistant_only_loss: bool = Field(True, description="loss on assistant tokens only")
+    max_per_kind: int = Field(0, ge=0, description="at most this many conversations per item kind (0 = all), so short-answer "
+                              "drills (cloze, mcq) do not drown the open answers (qa, summary)")
 
 
 class DpoConfig(TrainSection):
@@ -373,6 +375,7 @@ PRESETS: dict[str, dict] = {
     "demo": {  # a 2-core laptop CPU
         "curate": {"executor": "local", "tasks": 1, "workers": 1},
         "generate": {"max_chunks": 8, "max_passage_words": 200, "teacher": {"batch_size": 4, "max_new_tokens": 96}},
+        "sft": {"max_per_kind": 100},
         "eval": {"items": {"mcq": 24, "cloze": 16, "qa": 10, "summary": 4}, "teacher_chunks": 4, "perplexity_words": 500,
                  "general_mcq_items": 16, "general_text_words": 300, "max_new_tokens": {"cloze": 6, "qa": 24, "summary": 40}},
     },

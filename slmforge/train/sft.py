@@ -41,6 +41,20 @@ def valid_conversation(row) -> bool:
             and any(m["role"] == "assistant" and m["content"].strip() for m in msgs))
 
 
+def balance_kinds(rows: list[dict], max_per_kind: int) -> list[dict]:
+    """Keep at most `max_per_kind` rows of each "kind" (first ones, file order); 0 keeps everything."""
+    if not max_per_kind:
+        return rows
+    seen: dict[str, int] = {}
+    kept = []
+    for r in rows:
+        kind = r.get("kind", "")
+        seen[kind] = seen.get(kind, 0) + 1
+        if seen[kind] <= max_per_kind:
+            kept.append(r)
+    return kept
+
+
 class SftStage(Stage):
     name = "sft"
     version = "1"
@@ -53,7 +67,8 @@ class SftStage(Stage):
     def run(self, ctx: StageContext) -> None:
         source = ctx.run.require("generate", "sft.jsonl")
         rows = read_jsonl(source)
-        good = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]} for r in rows if valid_conversation(r)]
+        good = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
+                for r in balance_kinds([r for r in rows if valid_conversation(r)], ctx.recipe.sft.max_per_kind)]
         if not good:
             raise ValueError(f"{source}: no usable conversations (rows need 'messages': [{{role, content}}, ...] with an assistant reply)")
         data = ctx.scratch / "sft.jsonl"
