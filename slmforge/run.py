@@ -166,6 +166,11 @@ class RunDir:
             raise FileNotFoundError(f"{path} is missing: run `slmforge {stage}` first (or `slmforge build`)")
         return path
 
+    def artifact_hash(self, stage: str, artifact: str) -> str:
+        """Content hash of a finished stage's artifact (from its manifest): what a later stage's `inputs` returns."""
+        self.require(stage, artifact)
+        return self.manifest(stage)["outputs"][artifact]
+
     def trained_models(self) -> dict[str, Path]:
         """Finished training stages' model folders, in pipeline order: {"dapt": .../dapt/model, "sft": ..., "dpo": ...}."""
         out = {}

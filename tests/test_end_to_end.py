@@ -50,10 +50,11 @@ def test_tiny_build_end_to_end_then_serve(tmp_path):
     for model in ("base", "dapt", "sft", "dpo"):
         assert model in table
     assert "[" in table  # confidence intervals
+    assert "Verdict: the final model (dpo) vs base" in table and "It beats the base on" in table
     assert "comparison" in result.output.lower() and str(run / "report.html") in result.output
     assert str(run / "export" / "model") in result.output
     assert (run / "report.html").stat().st_size > 10_000
-    card = (run / "export" / "model" / "README.md").read_text()
+    card = (run / "export" / "README.md").read_text()
     assert "PostgreSQL" in card and "dpo" in card
 
     # the rerun skips every finished stage

@@ -138,10 +138,7 @@ class CurateStage(Stage):
     version = "1"
 
     def inputs(self, recipe, run):
-        manifest = run.manifest("ingest")
-        if manifest is None:
-            run.require("ingest", "chunks.jsonl")
-        return {"ingest": manifest["outputs"]["chunks.jsonl"], "documents": manifest["outputs"]["documents.jsonl"]}
+        return {"ingest": run.artifact_hash("ingest", "chunks.jsonl"), "documents": run.artifact_hash("ingest", "documents.jsonl")}
 
     def run(self, ctx: StageContext) -> None:
         from slmforge.curate.blocks import heldout_documents

@@ -51,6 +51,24 @@ def worse_than_base(row: dict, model: str) -> bool:
     return d is not None and (d < 0 if row["better"] == "higher" else d > 0)
 
 
+def verdict(results: dict) -> str:
+    """One sentence: where the last model beats its base on the domain benchmarks (first metric of each), and where not."""
+    models = [m["name"] for m in results["models"]]
+    if len(models) < 2:
+        return ""
+    final, seen, outcome = models[-1], set(), {"better": [], "worse": [], "unchanged": []}
+    for r in rows(results):
+        if r["general"] or r["bench"] in seen or r["cells"].get(final, {}).get("delta") is None:
+            continue
+        seen.add(r["bench"])
+        delta = r["cells"][final]["delta"]
+        key = "unchanged" if delta == 0 else ("worse" if worse_than_base(r, final) else "better")
+        outcome[key].append(f"{r['bench']} ({r['metric']})")
+    parts = [f"{k} on {', '.join(v)}" for k, v in outcome.items() if v]
+    return (f"Verdict: the final model ({final}) vs {models[0]} on held-out domain benchmarks: " + "; ".join(parts) + ". "
+            f"It beats the base on {len(outcome['better'])} of {len(seen)}.")
+
+
 def markdown_table(results: dict) -> str:
     models = [m["name"] for m in results["models"]]
     head = ["benchmark", "n", "chance", *models]
@@ -66,6 +84,8 @@ def markdown_table(results: dict) -> str:
         "forgetting check (not domain data). Benchmarks are built only from held-out documents and decontaminated "
         "against every training artifact.",
     ]
+    if verdict(results):
+        notes += ["", verdict(results)]
     return "\n".join(lines + notes) + "\n"
 
 

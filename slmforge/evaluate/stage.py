@@ -48,10 +48,8 @@ class EvalStage(Stage):
     version = "1"
 
     def inputs(self, recipe, run):
-        curate = run.manifest("curate")
-        if curate is None:
-            run.require("curate", "heldout.jsonl")
-        out = {"heldout": curate["outputs"]["heldout.jsonl"], "heldout_documents": curate["outputs"]["heldout_documents.jsonl"]}
+        out = {"heldout": run.artifact_hash("curate", "heldout.jsonl"),
+               "heldout_documents": run.artifact_hash("curate", "heldout_documents.jsonl")}
         for label, path in bm.training_artifacts(run).items():
             out[label] = run.manifest(label.split("/")[0])["outputs"][label.split("/")[1]]
         for name, (_, identity) in model_specs(recipe, run).items():

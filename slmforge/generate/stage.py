@@ -41,10 +41,7 @@ class GenerateStage(Stage):
     version = "1"
 
     def inputs(self, recipe, run):
-        manifest = run.manifest("curate")
-        if manifest is None:
-            run.require("curate", "train.jsonl")
-        return {"train": manifest["outputs"]["train.jsonl"], "heldout": manifest["outputs"]["heldout.jsonl"]}
+        return {"train": run.artifact_hash("curate", "train.jsonl"), "heldout": run.artifact_hash("curate", "heldout.jsonl")}
 
     def run(self, ctx: StageContext) -> None:
         cfg, recipe = ctx.recipe.generate, ctx.recipe

@@ -65,7 +65,7 @@ def _funnel_section(manifests: dict) -> str:
 def _eval_section(results: dict | None) -> str:
     if not results:
         return '<h2>Evaluation</h2><p class="muted">not evaluated yet: run <code>slmforge eval</code></p>'
-    from slmforge.evaluate.compare import cell_text, label, rows, worse_than_base
+    from slmforge.evaluate.compare import cell_text, label, rows, verdict, worse_than_base
 
     models = [m["name"] for m in results["models"]]
     table_rows = rows(results)
@@ -77,6 +77,7 @@ def _eval_section(results: dict | None) -> str:
     html = ["<h2>Evaluation: base vs stages</h2>",
             "<p>Value [95% CI] (change from base); red = worse than base. Benchmarks come only from held-out documents "
             "and are frozen (sha256 below); every model is scored on identical items by lm-evaluation-harness.</p>",
+            f"<p><b>{escape(verdict(results))}</b></p>",
             _table(["benchmark", "n", "chance", *models], body),
             _img(plots.benchmark_bars([r for r in table_rows if not r["general"]], models), "domain benchmarks")]
     general = [r for r in table_rows if r["general"]]

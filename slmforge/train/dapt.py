@@ -18,10 +18,9 @@ class DaptStage(Stage):
     version = "1"
 
     def inputs(self, recipe, run):
-        if run.manifest("curate") is None:
-            run.require("curate", "train.jsonl")
+        domain = run.artifact_hash("curate", "train.jsonl")
         _, model_key = common.start_model(recipe, run, self.name)
-        out = {"curate": run.manifest("curate")["outputs"]["train.jsonl"], "model": model_key}
+        out = {"curate": domain, "model": model_key}
         gen = run.manifest("generate")
         if recipe.dapt.synthetic and gen and "pretrain.jsonl" in gen["outputs"]:
             out["pretrain"] = gen["outputs"]["pretrain.jsonl"]

@@ -23,9 +23,9 @@ class DpoStage(Stage):
     version = "1"
 
     def inputs(self, recipe, run):
-        data = run.require("generate", "dpo.jsonl")
+        data = run.artifact_hash("generate", "dpo.jsonl")  # first: a clear error when generate has not run
         _, model_key = common.start_model(recipe, run, self.name)
-        return {"dpo": run.manifest("generate")["outputs"].get("dpo.jsonl", str(data)), "model": model_key}
+        return {"dpo": data, "model": model_key}
 
     def run(self, ctx: StageContext) -> None:
         cfg = ctx.recipe.dpo

@@ -60,9 +60,9 @@ class SftStage(Stage):
     version = "1"
 
     def inputs(self, recipe, run):
-        data = run.require("generate", "sft.jsonl")
+        data = run.artifact_hash("generate", "sft.jsonl")  # first: a clear error when generate has not run
         _, model_key = common.start_model(recipe, run, self.name)
-        return {"sft": run.manifest("generate")["outputs"].get("sft.jsonl", str(data)), "model": model_key}
+        return {"sft": data, "model": model_key}
 
     def run(self, ctx: StageContext) -> None:
         source = ctx.run.require("generate", "sft.jsonl")
