@@ -84,3 +84,25 @@ def write_recipe(folder: Path, documents: Path, **sections) -> Path:
 @pytest.fixture
 def recipe_file(tmp_path: Path, corpus: Path) -> Path:
     return write_recipe(tmp_path, corpus, curate={"heldout_fraction": 0.25})
+
+
+_demo_curate: list[Path] = []
+
+
+def demo_curate() -> Path:
+    """The curate folder of the shipped demo corpus (ingest + curate), built once per test session (~10 s)."""
+    if not _demo_curate:
+        import tempfile
+
+        from slmforge.curate.stage import CurateStage
+        from slmforge.ingest.stage import IngestStage
+        from slmforge.recipe import load_recipe
+        from slmforge.run import RunDir
+
+        runs = Path(tempfile.mkdtemp(prefix="slmforge-demo-curate-"))
+        recipe = load_recipe(REPO / "examples" / "postgres" / "recipe.yaml", overrides=[f"run_dir={runs}"])
+        run = RunDir(recipe.run_path)
+        run.execute(IngestStage(), recipe)
+        run.execute(CurateStage(), recipe)
+        _demo_curate.append(recipe.run_path / "curate")
+    return _demo_curate[0]

@@ -16,8 +16,9 @@ from slmforge.recipe import GenerateConfig, GenerateVerifyConfig, build_recipe
 from slmforge.records import Chunk, Item
 from slmforge.run import RunDir, atomic_write_json, atomic_write_jsonl, read_jsonl, sha256_file
 
+from conftest import demo_curate
+
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "runs" / "postgres-demo" / "curate"
 PASSAGE = ("The bytea data type allows storage of binary strings. A binary string is a sequence of octets. "
            "Binary strings specifically allow storing octets of value zero and other non-printable octets. "
            "The output format depends on the configuration parameter bytea_output; the default is hex.")
@@ -76,7 +77,7 @@ def test_verifier_rejects_heldout_ngram_overlap_in_any_field():
 
 # ------------------------------------------------------------------------------------------------ extractive
 def test_extractive_items_are_correct_by_construction():
-    chunks = _chunks(DEMO / "train.jsonl")
+    chunks = _chunks(demo_curate() / "train.jsonl")
     terms = TermIndex(chunks)
     items = [i for c in chunks[:80] for i in extractive_items(c, ["mcq", "cloze", "qa", "preference"], terms, 2, seed=0)]
     kinds = {i.kind for i in items}
@@ -98,8 +99,8 @@ def test_extractive_items_are_correct_by_construction():
 
 
 def test_make_items_without_teacher_never_overlaps_heldout(tmp_path):
-    train = _chunks(DEMO / "train.jsonl", 120)
-    heldout = _chunks(DEMO / "heldout.jsonl")
+    train = _chunks(demo_curate() / "train.jsonl", 120)
+    heldout = _chunks(demo_curate() / "heldout.jsonl")
     # a contaminated held-out chunk: it repeats two sentences of the training split verbatim
     leaked = [s for c in train[:10] for s in sentences(c.text) if len(s.split()) >= 14][:6]
     assert leaked
@@ -183,8 +184,8 @@ def _fake_run(tmp_path: Path, n_train: int, extra_heldout: list[Chunk]) -> Path:
     root = tmp_path / "runs" / "t"
     cur = root / "curate"
     cur.mkdir(parents=True)
-    atomic_write_jsonl(cur / "train.jsonl", _chunks(DEMO / "train.jsonl", n_train))
-    atomic_write_jsonl(cur / "heldout.jsonl", _chunks(DEMO / "heldout.jsonl") + extra_heldout)
+    atomic_write_jsonl(cur / "train.jsonl", _chunks(demo_curate() / "train.jsonl", n_train))
+    atomic_write_jsonl(cur / "heldout.jsonl", _chunks(demo_curate() / "heldout.jsonl") + extra_heldout)
     outputs = {p.name: sha256_file(p) for p in cur.glob("*.jsonl")}
     atomic_write_json(cur / "manifest.json", {"stage": "curate", "key": "test", "outputs": outputs, "counts": {}})
     return tmp_path / "runs"
@@ -194,7 +195,7 @@ def test_generate_stage_end_to_end_with_tiny_teacher(tmp_path, tiny_model, monke
     from slmforge.generate.stage import GenerateStage
     from slmforge.generate.teachers import TransformersTeacher
 
-    train = _chunks(DEMO / "train.jsonl", 40)
+    train = _chunks(demo_curate() / "train.jsonl", 40)
     leak = " ".join(s for s in sentences(train[1].text) if len(s.split()) >= 14)
     runs = _fake_run(tmp_path, 40, [Chunk(id="leak-0000", doc_id="leak", index=0, source="l", title="l", headings=[], text=leak, n_tokens=9)])
     data = {"name": "t", "documents": str(ROOT / "examples/postgres/docs"), "run_dir": str(runs),

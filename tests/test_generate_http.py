@@ -24,6 +24,8 @@ from slmforge.recipe import GenerateConfig
 from slmforge.records import Chunk
 from slmforge.run import read_jsonl
 
+from conftest import demo_curate
+
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_TIMEOUT = 8.0  # generous: 2 shared CPU cores, requests queue behind one model
 
@@ -125,7 +127,7 @@ def _outcomes(items, rejected) -> Counter:
 
 @pytest.mark.slow
 def test_openai_teacher_with_faults_lists_failures_and_resumes_from_cache(server, tmp_path):
-    chunks = read_jsonl(ROOT / "runs/postgres-demo/curate/train.jsonl", Chunk)[:8]
+    chunks = read_jsonl(demo_curate() / "train.jsonl", Chunk)[:8]
     units = {(c.id, k) for c in chunks for k in ("qa", "summary")}
 
     # 1. no retries, ~30% of attempts fail: each unit ends exactly once, failures are listed as teacher errors
