@@ -1,7 +1,6 @@
 """The whole build — ingest, curate, generate, DAPT, SFT, DPO, eval, export — on a tiny slice with tiny budgets,
 with the real default model, then the served result answers a chat request."""
 
-import json
 import shutil
 
 import pytest
@@ -73,4 +72,6 @@ def test_tiny_build_end_to_end_then_serve(tmp_path):
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["choices"][0]["message"]["content"].strip()
-    assert json.dumps(body["slmforge"])  # which model answered, and how sure it was
+    # no fallback is configured: the exported specialist itself answered, with a measured confidence
+    assert body["slmforge"]["route"] == "specialist" and body["slmforge"]["answered_by"] == "t"
+    assert body["slmforge"]["confidence"] < 0
