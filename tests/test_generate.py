@@ -93,9 +93,49 @@ def test_extractive_items_are_correct_by_construction():
         if it.kind == "preference":
             assert " ".join(it.answer.split()) in " ".join(text.split()) and it.rejected != it.answer
         if it.kind == "qa":
-            assert it.prompt.startswith("What ") and " ".join(it.answer.split()) in " ".join(text.split())
+            assert it.prompt.startswith(("What ", "In “")) and it.prompt.endswith("?")
+            assert " ".join(it.answer.split()) in " ".join(text.split())
     again = [i for c in chunks[:80] for i in extractive_items(c, ["mcq", "cloze", "qa", "preference"], terms, 2, seed=0)]
     assert [i.id for i in again] == [i.id for i in items]  # deterministic for a seed
+
+
+def _chunk(text: str, title: str = "DELETE", headings: tuple = ("DELETE", "Parameters")) -> Chunk:
+    return Chunk(id="c" + str(abs(hash(text)) % 10**8), doc_id="d", index=0, source="s.html", title=title,
+                 headings=list(headings), text=text, n_tokens=len(text.split()))
+
+
+def test_questions_are_well_posed_closed_book():
+    text = ("The count is the number of rows deleted. The optional RETURNING clause causes DELETE to compute and return "
+            "values based on each row actually deleted. An expression that returns a value of type boolean is allowed "
+            "here. A cursor is a named query whose rows are fetched one at a time.")
+    other = _chunk("The RETURNING clause appears in INSERT too. A cursor can also be used in UPDATE statements.", "UPDATE")
+    chunk = _chunk(text)
+    terms = TermIndex([chunk, other])
+    qa = {i.prompt: i.answer for i in extractive_items(chunk, ["qa"], terms, 5, seed=0)}
+    # a generic subject names the page it comes from (the generic "Parameters" heading gives way to the title)
+    assert qa["In “DELETE”, what is the count?"] == "The count is the number of rows deleted."
+    assert qa["What does the optional RETURNING clause cause?"].startswith("The optional RETURNING clause causes")
+    assert not any("expression that" in q for q in qa)  # a relative clause is not a subject
+    assert len(qa) == 3
+
+
+def test_extractive_summary_is_the_principal_sentences():
+    text = ("Partitioning refers to splitting what is logically one large table into smaller physical pieces. "
+            "The weather was nice on the day this page was written. "
+            "Partitioning can improve query performance when the most heavily accessed rows of the table are in a "
+            "single partition or a small number of partitions. "
+            "Bulk loads and deletes can be accomplished by adding or removing partitions of the large table. "
+            "Seldom-used data can be migrated to cheaper and slower storage media. "
+            "Each partition of a partitioned table is an ordinary table with its own indexes and storage.")
+    chunk = _chunk(text, "Table Partitioning", ("5.11. Table Partitioning",))
+    (item,) = extractive_items(chunk, ["summary"], TermIndex([chunk]), 2, seed=0)
+    picked = sentences(item.answer)
+    assert len(picked) == 2 and all(s in text for s in picked)
+    assert text.index(picked[0]) < text.index(picked[1])  # passage order
+    assert "weather" not in item.answer  # the off-topic sentence shares nothing with the rest
+    assert len(item.answer.split()) <= 0.5 * len(item.prompt.split()) and item.prompt == text
+    short = _chunk("Partitioning splits a table. It has pieces. Each piece is a table.")
+    assert extractive_items(short, ["summary"], TermIndex([short]), 2, seed=0) == []  # too few sentences to summarise
 
 
 def test_make_items_without_teacher_never_overlaps_heldout(tmp_path):

@@ -74,7 +74,7 @@ def select(items: list[Item], index: NgramIndex, cfg, seed: int) -> tuple[dict[s
     by_kind: dict[str, list[Item]] = defaultdict(list)
     for it in clean:
         by_kind[it.kind].append(it)
-    return {k: spread(by_kind[k], cfg.items.get(k, 0), seed) for k in cfg.kinds if by_kind.get(k)}, report
+    return {k: spread(by_kind[k], cfg.items[k], seed) for k in cfg.kinds if by_kind.get(k) and cfg.items.get(k)}, report
 
 
 def text_rows(documents: list[Document], budget_words: int, min_words: int = 40) -> list[dict]:

@@ -84,6 +84,9 @@ def markdown_table(results: dict) -> str:
         "forgetting check (not domain data). Benchmarks are built only from held-out documents and decontaminated "
         "against every training artifact.",
     ]
+    chat = [b for b, m in results.get("benchmarks", {}).items() if m.get("chat_template")]
+    if chat:
+        notes[-1] += f" Asked in each model's chat template: {', '.join(chat)}; the rest as plain text."
     if verdict(results):
         notes += ["", verdict(results)]
     return "\n".join(lines + notes) + "\n"

@@ -2,6 +2,8 @@
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args pretrained=MODEL --device cpu \
         --include_path runs/<name>/eval/lm_eval --tasks slmforge_<name>
+    # open-answer tasks asked in the model's chat format (eval.chat_template: auto/true) form a second group:
+    ... --tasks slmforge_<name>_chat --apply_chat_template
 
 The same folder is what `slmforge eval` itself runs, so our numbers are lm-eval's numbers.
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from slmforge.generate.formats import SUMMARY_INSTRUCTION
 from slmforge.run import atomic_write_text
 
 METRICS_MODULE = "slmforge_metrics"  # metrics.py is copied under this name into every task folder
@@ -32,6 +35,7 @@ class Spec:
     process: str | None = None  # name of a process_* function in metrics.py
     until: tuple[str, ...] = ("\n",)
     description: str = ""
+    chat_template: str = ""  # the user turn when asked in chat format (open-answer kinds only); "" = always plain
     extra: dict = field(default_factory=dict)
 
 
@@ -42,9 +46,11 @@ SPECS: dict[str, Spec] = {
                   process="process_cloze", description="continue a held-out sentence; exact match on the missing words"),
     # small instruct models often open with a blank line: stopping at "\n\n" would cut every such answer to ""
     "qa": Spec("generate_until", ("token_f1", "rouge_l"), template="Question: {{prompt}}\nAnswer:", process="process_qa",
-               until=("Question:", "\n\n\n"), description="open questions on held-out documents (closed book)"),
+               until=("Question:", "\n\n\n"), description="open questions on held-out documents (closed book)",
+               chat_template="{{prompt}}"),
     "summary": Spec("generate_until", ("rouge_l",), template="{{prompt}}\n\nSummary in one or two sentences:",
-                    process="process_summary", until=("\n\n\n",), description="summarise a held-out passage"),
+                    process="process_summary", until=("\n\n\n",), description="summarise a held-out passage",
+                    chat_template=SUMMARY_INSTRUCTION + "\n\n{{prompt}}"),
     "domain_ppl": Spec("loglikelihood_rolling", ("word_perplexity", "bits_per_byte"),
                        lower_is_better=("word_perplexity", "bits_per_byte"), description="held-out domain documents"),
     "general_mcq": Spec("multiple_choice", ("acc", "acc_norm"), binary=("acc", "acc_norm"), template="Question: {{prompt}}\nAnswer:",
@@ -64,7 +70,15 @@ def safe_prefix(run_name: str) -> str:
     return "slmforge_" + re.sub(r"[^A-Za-z0-9_]", "_", run_name)
 
 
-def task_config(name: str, bench: str, data_file: Path, max_gen_toks: int) -> str:
+def asked_in_chat(bench: str, chat_template: bool | str, has_template: bool = True) -> bool:
+    """auto: open-answer kinds (qa, summary) in the model's chat format, as an instruct model is used; cloze stays a
+    plain continuation and log-likelihood kinds stay plain (lm-eval's convention for them)."""
+    if not SPECS[bench].chat_template or not has_template:
+        return False
+    return chat_template is True or chat_template == "auto"
+
+
+def task_config(name: str, bench: str, data_file: Path, max_gen_toks: int, chat: bool = False) -> str:
     spec = SPECS[bench]
     cfg: dict = {
         "task": name,
@@ -77,28 +91,37 @@ def task_config(name: str, bench: str, data_file: Path, max_gen_toks: int) -> st
         cfg.update(doc_to_text=spec.template, doc_to_choice="{{choices}}", doc_to_target="{{answer_index}}")
         cfg["metric_list"] = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in spec.metrics]
     elif spec.output_type == "generate_until":
-        cfg.update(doc_to_text=spec.template, doc_to_target="{{answer}}", target_delimiter=" ",
+        cfg.update(doc_to_text=spec.chat_template if chat else spec.template, doc_to_target="{{answer}}", target_delimiter=" ",
                    generation_kwargs={"until": list(spec.until), "max_gen_toks": max_gen_toks, "do_sample": False})
         cfg["metric_list"] = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in spec.metrics]
     else:  # loglikelihood_rolling: the whole text is the target
         cfg.update(doc_to_text="", doc_to_target="{{text}}")
         cfg["metric_list"] = [{"metric": m} for m in spec.metrics]  # lm-eval's own (weighted) perplexity aggregations
-    cfg["metadata"] = {"version": 1, "description": spec.description}
+    cfg["metadata"] = {"version": 1, "description": spec.description, "apply_chat_template": chat}
     text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, width=1000)
     if spec.process:  # yaml.safe_dump cannot write lm-eval's `!function` tag
         text += f"process_results: !function {METRICS_MODULE}.{spec.process}\n"
     return text
 
 
-def write_tasks(folder: Path, prefix: str, data_files: dict[str, Path], max_gen_toks: dict[str, int]) -> list[str]:
-    """Write one YAML per benchmark (+ a group YAML and the metrics module) into `folder`; returns the task names."""
+def write_tasks(folder: Path, prefix: str, data_files: dict[str, Path], max_gen_toks: dict[str, int],
+                chat: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """One YAML per benchmark (+ group YAMLs and the metrics module) into `folder`: (plain task names, chat task names).
+
+    Benchmarks in `chat` are written for lm-eval's --apply_chat_template and grouped as `<prefix>_chat`.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(__file__).with_name("metrics.py"), folder / f"{METRICS_MODULE}.py")
-    names = []
+    plain, chatted = [], []
     for bench, data_file in data_files.items():
         name = task_name(prefix, bench)
-        atomic_write_text(folder / f"{bench}.yaml", task_config(name, bench, data_file, max_gen_toks.get(bench, 32)))
-        names.append(name)
-    group = {"group": prefix, "task": names, "aggregate_metric_list": []}
-    atomic_write_text(folder / "_group.yaml", yaml.safe_dump(group, sort_keys=False))
-    return names
+        text = task_config(name, bench, data_file, max_gen_toks.get(bench, 32), chat=bench in chat)
+        atomic_write_text(folder / f"{bench}.yaml", text)
+        (chatted if bench in chat else plain).append(name)
+    for group, names in ((prefix, plain), (f"{prefix}_chat", chatted)):
+        path = folder / ("_group.yaml" if group == prefix else "_group_chat.yaml")
+        if names:
+            atomic_write_text(path, yaml.safe_dump({"group": group, "task": names, "aggregate_metric_list": []}, sort_keys=False))
+        elif path.exists():
+            path.unlink()
+    return plain, chatted

@@ -93,20 +93,29 @@ def summarize(bench: str, samples: list[dict], seed: int = 0) -> tuple[dict, lis
 
 
 def score_model(name: str, spec: str, task_dir: Path, prefix: str, benches: list[str], *, batch_size: int, seed: int,
-                chat_template: bool = False) -> dict:
-    """Load one model (folder, HF id or 'default'), run every benchmark, return JSON-able scores and per-item rows."""
+                chat: tuple[str, ...] = ()) -> dict:
+    """Load one model (folder, HF id or 'default'), run every benchmark, return JSON-able scores and per-item rows.
+
+    Benchmarks in `chat` are asked through the model's chat template (one more lm-eval pass on the same loaded model).
+    """
     from slmforge.models import device_defaults, load_causal_lm, load_tokenizer
 
     started = time.time()
     device = device_defaults()["device"]
     model, tokenizer = load_causal_lm(spec, device=device).eval(), load_tokenizer(spec)
-    result = run_lm_eval(model, tokenizer, task_dir, [task_name(prefix, b) for b in benches],
-                         batch_size=batch_size, device=device, seed=seed, chat_template=chat_template)
+    samples, engine_results = {}, {}
+    for in_chat in (False, True):
+        tasks = [task_name(prefix, b) for b in benches if (b in chat) == in_chat]
+        if tasks:
+            result = run_lm_eval(model, tokenizer, task_dir, tasks, batch_size=batch_size, device=device, seed=seed,
+                                 chat_template=in_chat)
+            samples.update(result["samples"])
+            engine_results.update(result["results"])
     scores, items, engine = {}, {}, {}
     for bench in benches:
         task = task_name(prefix, bench)
-        scores[bench], items[bench] = summarize(bench, result["samples"][task], seed)
-        engine[bench] = {k: v for k, v in result["results"][task].items() if isinstance(v, (int, float)) and "," in k}
+        scores[bench], items[bench] = summarize(bench, samples[task], seed)
+        engine[bench] = {k: v for k, v in engine_results[task].items() if isinstance(v, (int, float)) and "," in k}
     del model
     return {"model": name, "spec": spec, "scores": scores, "items": items, "lm_eval": engine,
-            "seconds": round(time.time() - started, 2)}
+            "seconds": round(time.time() - started, 2), "chat": sorted(chat)}

@@ -20,7 +20,7 @@ from slmforge.console import console, track
 from slmforge.evaluate import benchmarks as bm
 from slmforge.evaluate.compare import markdown_table, rich_table, rows, worse_than_base
 from slmforge.evaluate.decontaminate import NgramIndex
-from slmforge.evaluate.lm_eval_tasks import GENERAL, SPECS, safe_prefix, write_tasks
+from slmforge.evaluate.lm_eval_tasks import GENERAL, SPECS, asked_in_chat, safe_prefix, write_tasks
 from slmforge.records import Chunk, Document, Item
 from slmforge.run import (Stage, StageContext, atomic_write_json, atomic_write_jsonl, atomic_write_text, cached_unit, hash_obj,
                           read_jsonl, sha256_file)
@@ -70,22 +70,27 @@ class EvalStage(Stage):
         built_s = time.time() - started
 
         prefix = safe_prefix(recipe.name)
+        chat = {b for b in data_files if asked_in_chat(b, cfg.chat_template, base_has_chat_template(recipe.base_model))}
         final_bench = run.stage_dir(self.name) / "benchmarks"  # where the exported tasks find their data after publish
-        write_tasks(ctx.out / "lm_eval", prefix, {b: final_bench / p.name for b, p in data_files.items()}, cfg.max_new_tokens)
+        write_tasks(ctx.out / "lm_eval", prefix, {b: final_bench / p.name for b, p in data_files.items()}, cfg.max_new_tokens, chat)
         task_dir = ctx.scratch / "tasks"  # the same tasks pointing at this attempt's files, for scoring now
-        write_tasks(task_dir, prefix, data_files, cfg.max_new_tokens)
+        write_tasks(task_dir, prefix, data_files, cfg.max_new_tokens, chat)
 
         models = model_specs(recipe, run)
         scores_cache = run.cache_dir("eval-scores")
+        for b in chat:
+            meta[b]["chat_template"] = True
         results = {"run": recipe.name, "benchmarks": meta, "models": [], "scores": {}, "lm_eval": {},
                    "decontamination": frozen["decontamination_summary"], "teacher": frozen["teacher"]}
         stats: dict = {}
         predictions: dict[str, list[dict]] = {}
         for name, (spec, identity) in track(list(models.items()), "eval models"):
             key = hash_obj({"v": SCORING_VERSION, "model": identity, "benchmarks": {b: m["sha256"] for b, m in meta.items()},
-                            "scoring": cfg.model_dump(include={"max_new_tokens", "chat_template", "batch_size"}), "seed": recipe.seed})
+                            "scoring": cfg.model_dump(include={"max_new_tokens", "batch_size"}), "chat": sorted(chat),
+                            "seed": recipe.seed})
             console.print(f"  scoring {name} ({spec}) on {len(data_files)} benchmarks", highlight=False)
-            scored = cached_unit(scores_cache, key, lambda: self._score(name, spec, task_dir, prefix, list(data_files), cfg, recipe.seed), stats)
+            scored = cached_unit(scores_cache, key, lambda: self._score(name, spec, task_dir, prefix, list(data_files), cfg,
+                                                                       recipe.seed, chat), stats)
             results["models"].append({"name": name, "path": spec, "seconds": scored["seconds"]})
             results["scores"][name] = scored["scores"]
             results["lm_eval"][name] = scored["lm_eval"]
@@ -108,10 +113,10 @@ class EvalStage(Stage):
         path = write_report(run, results, predictions, cfg.samples, extra_timings={"eval": time.time() - started})
         console.print(f"  report → {path}")
 
-    def _score(self, name, spec, task_dir, prefix, benches, cfg, seed) -> dict:
+    def _score(self, name, spec, task_dir, prefix, benches, cfg, seed, chat) -> dict:
         from slmforge.evaluate.scoring import score_model
 
-        return score_model(name, spec, task_dir, prefix, benches, batch_size=cfg.batch_size, seed=seed, chat_template=cfg.chat_template)
+        return score_model(name, spec, task_dir, prefix, benches, batch_size=cfg.batch_size, seed=seed, chat=tuple(sorted(chat)))
 
     # ------------------------------------------------------------------------------------------------ benchmarks
     def _benchmarks(self, ctx: StageContext, chunks: list[Chunk]) -> dict:
@@ -182,6 +187,13 @@ class EvalStage(Stage):
                ("models scored", ", ".join(c["models"]))]
         out += [(k, v) for k, v in c["headline"].items()]
         return out
+
+
+def base_has_chat_template(spec: str) -> bool:
+    """Whether the base model's tokenizer has a chat template (trained stages keep the base's)."""
+    from slmforge.models import load_tokenizer
+
+    return bool(getattr(load_tokenizer(spec), "chat_template", None))
 
 
 def forgetting(results: dict) -> dict:

@@ -2,7 +2,11 @@
 
     cloze       a sentence cut before one of the corpus's terms; choices = that term + 3 other corpus terms
     mcq         the same sentence with the term blanked; "which term fills the blank?"
-    qa          definition sentences ("A binary string is a sequence of octets.") -> "What is a binary string?"
+    qa          definition and function sentences -> a question the sentence answers, the sentence as the answer:
+                "A binary string is a sequence of octets." -> "What is a binary string?"
+                "The ON CONFLICT clause specifies an alternative action ..." -> "What does the ON CONFLICT clause specify?"
+    summary     the passage's principal sentences (PEGASUS gap-sentence selection: highest ROUGE-1 F1 against the rest
+                of the passage, kept in passage order) as an extractive one- or two-sentence summary
     preference  chosen = the real sentence; rejected = the sentence with its term swapped for another corpus term
 
 Distractors are terms of the same shape (identifier, UPPERCASE keyword, word) that occur elsewhere in the corpus,
@@ -16,7 +20,7 @@ import random
 import re
 from collections import Counter, defaultdict
 
-from slmforge.generate.text import ENGLISH_STOP_WORDS, sentences
+from slmforge.generate.text import ENGLISH_STOP_WORDS, content_words, cut_words, sentences
 from slmforge.records import Chunk, Item
 from slmforge.run import hash_obj
 
@@ -24,7 +28,14 @@ TERM = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?\b")
 DEFINITION = re.compile(
     r"^(?:The |A |An )?(?P<term>[A-Za-z_][\w\- ]{1,40}?) (?P<verb>is|are) (?P<rest>(?:a|an|the|one|used|defined) .{10,})$"
 )
+FUNCTION = re.compile(
+    r"^(?P<term>(?:The |A |An )?[A-Za-z_][\w\-. ]{1,50}?) (?P<verb>returns|specifies|controls|determines|stores|allows|"
+    r"creates|removes|defines|indicates|causes|prevents|provides|contains|represents|selects|enables|disables|"
+    r"requires|converts) (?P<rest>.{10,})$"
+)
+SECTION_NUMBER = re.compile(r"^\s*(?:[A-Z]?\d+(?:\.\d+)*\.?|[IVX]+\.)\s+")
 N_CHOICES = 4
+_CLAUSE = {"that", "which", "who", "to", "when", "if", "where"}  # "an expression that returns ..." is not a subject
 _NOT_A_SUBJECT = {"This", "That", "These", "Those", "It", "There", "Each", "All", "Such", "Which", "What", "Here", "One",
                   "If", "When", "Whether", "Although", "Because", "Since", "While", "Unless", "As", "In", "For", "Note", "So"}
 
@@ -115,7 +126,8 @@ def _choices(term: str, foils: list[str], rng: random.Random) -> tuple[list[str]
     return choices, choices.index(term)
 
 
-def extractive_items(chunk: Chunk, kinds: list[str], terms: TermIndex, per_kind: int, seed: int) -> list[Item]:
+def extractive_items(chunk: Chunk, kinds: list[str], terms: TermIndex, per_kind: int, seed: int,
+                     passage_words: int = 150) -> list[Item]:
     """Up to `per_kind` items of each requested extractive kind from one chunk."""
     rng = random.Random(f"{seed}:{chunk.id}")
     base = dict(chunk_id=chunk.id, doc_id=chunk.doc_id, origin="extractive", context=chunk.text)
@@ -159,14 +171,83 @@ def extractive_items(chunk: Chunk, kinds: list[str], terms: TermIndex, per_kind:
                 out.append(Item(id=make_id(kind=kind, prompt=prompt, answer=s, rejected=rejected), kind=kind,
                                 prompt=prompt, answer=s, rejected=rejected, **base))
     if "qa" in kinds:
-        n = 0
-        for s in sents:
-            m = DEFINITION.match(s)
-            if not m or n >= per_kind or len(m["term"].split()) > 5 or s.split()[0] in _NOT_A_SUBJECT:
-                continue
-            subject = s[: m.start("verb")].strip()
-            subject = subject[0].lower() + subject[1:] if subject.split()[0] in ("The", "A", "An") else subject
-            prompt = f"What {m['verb']} {subject}?"
-            out.append(Item(id=make_id(kind="qa", prompt=prompt, answer=s), kind="qa", prompt=prompt, answer=s, **base))
-            n += 1
+        out += question_items(chunk, sents, terms, per_kind, base)
+    if "summary" in kinds:
+        out += summary_items(chunk, base, passage_words)
     return out
+
+
+def _verb_base(verb: str) -> str:
+    if verb.endswith("ies"):
+        return verb[:-3] + "y"
+    if verb.endswith(("sses", "shes", "ches", "xes")):
+        return verb[:-2]
+    return verb[:-1]
+
+
+_GENERIC_HEADINGS = {"note", "notes", "tip", "warning", "caution", "important", "parameters", "description", "examples",
+                     "example", "compatibility", "synopsis", "outputs", "overview", "introduction", "see also"}
+
+
+def section_name(chunk: Chunk) -> str:
+    """The innermost specific heading without its number ("5.4.1. Check Constraints" -> "Check Constraints");
+    generic ones ("Parameters", "Note") give way to the page title ("DELETE")."""
+    for h in reversed([*chunk.headings, chunk.title]):
+        name = SECTION_NUMBER.sub("", h).strip()
+        if name and name.lower() not in _GENERIC_HEADINGS:
+            return name
+    return SECTION_NUMBER.sub("", chunk.title).strip()
+
+
+def question_items(chunk: Chunk, sents: list[str], terms: TermIndex, per_kind: int, base: dict) -> list[Item]:
+    """Questions that a definition or function sentence answers; the whole sentence is the reference answer.
+
+    A subject without a technical term ("the count", "the default") is ambiguous closed-book, so such a question
+    names the section it comes from: "In “DELETE”, what is the count?".
+    """
+    out: list[Item] = []
+    for s in sents:
+        if len(out) >= per_kind or s.split()[0] in _NOT_A_SUBJECT:
+            continue
+        m = DEFINITION.match(s) or FUNCTION.match(s)
+        if not m or len(m["term"].split()) > 6 or m["term"].rstrip().endswith((",", ".")) or _CLAUSE & set(m["term"].split()):
+            continue
+        subject = s[: m.start("verb")].strip()
+        first = subject.split()[0]
+        if first.istitle() and first.lower() in ENGLISH_STOP_WORDS | {"use"} or first.isalpha() and first.istitle() and len(first) > 1 and not terms.df.get(first):
+            subject = subject[0].lower() + subject[1:]  # "Use of ..." -> "use of ...", "The WITH clause" -> "the WITH clause"
+        verb = m["verb"]
+        question = f"what {verb} {subject}?" if verb in ("is", "are") else f"what does {subject} {_verb_base(verb)}?"
+        specific = any(t in terms.terms for t in TERM.findall(subject))
+        section = section_name(chunk)
+        prompt = question[0].upper() + question[1:] if specific or not section else f"In “{section}”, {question}"
+        out.append(Item(id=make_id(kind="qa", prompt=prompt, answer=s), kind="qa", prompt=prompt, answer=s, **base))
+    return out
+
+
+def _f1(a: set, b: set) -> float:
+    common = len(a & b)
+    return 2 * common / (len(a) + len(b)) if common else 0.0
+
+
+def summary_items(chunk: Chunk, base: dict, max_words: int = 150, n_sentences: int = 2) -> list[Item]:
+    """One extractive summary: the `n_sentences` principal sentences of the passage (the chunk's first max_words).
+
+    Principal = highest ROUGE-1 F1 (on content words) against the rest of the passage, scored independently and
+    kept in passage order: PEGASUS's "Ind-Orig" gap-sentence selection (Zhang et al., 2020). Written here because it
+    is a dozen lines over our own sentence splitter; rouge_score would give the same ranking, slower.
+    """
+    passage = cut_words(chunk.text, max_words)
+    sents = sentences(passage)
+    if len(sents) < 2 * n_sentences:
+        return []
+    def score(i: int) -> float:  # ROUGE-1 F1 of the sentence against the passage without it
+        return _f1(content_words(sents[i]), content_words(passage.replace(sents[i], " ")))
+
+    ranked = sorted(range(len(sents)), key=lambda i: (-score(i), i))
+    top = sorted(ranked[:n_sentences])
+    summary = " ".join(sents[i] for i in top)
+    if len(summary.split()) > 0.5 * len(passage.split()):
+        return []
+    return [Item(id=make_id(kind="summary", prompt=passage, answer=summary), kind="summary", prompt=passage,
+                 answer=summary, **{**base, "context": passage})]

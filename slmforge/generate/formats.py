@@ -7,6 +7,7 @@ from collections import defaultdict
 from slmforge.records import Chunk, Item
 
 LETTERS = "ABCDEFGH"
+SUMMARY_INSTRUCTION = "Summarize this passage in one or two sentences."  # SFT rows and the chat-format benchmark share it
 
 
 def mcq_prompt(item: Item) -> str:
@@ -35,7 +36,7 @@ def pretrain_rows(items: list[Item], chunks: dict[str, Chunk]) -> list[dict]:
             per_chunk[it.chunk_id].append(it)
         elif it.kind == "rephrase":
             rows.append({"text": it.answer, "chunk_id": it.chunk_id, "teacher": it.origin, "kind": "rephrase"})
-        elif it.kind == "summary":
+        elif it.kind == "summary" and it.origin != "extractive":  # extractive summaries repeat the passage's own text
             title = chunks[it.chunk_id].title if it.chunk_id in chunks else ""
             text = f"Summary of “{title}”: {it.answer}" if title else it.answer
             rows.append({"text": text, "chunk_id": it.chunk_id, "teacher": it.origin, "kind": "summary"})
@@ -59,7 +60,7 @@ def sft_rows(items: list[Item]) -> list[dict]:
         elif it.kind == "cloze":
             user, assistant = f"Complete the text with the missing term:\n\n{it.prompt} …", it.answer
         elif it.kind == "summary":
-            user, assistant = f"Summarize this passage:\n\n{it.prompt}", it.answer
+            user, assistant = f"{SUMMARY_INSTRUCTION}\n\n{it.prompt}", it.answer
         else:
             continue  # rephrasings are pretraining text; preference pairs go to DPO
         rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],

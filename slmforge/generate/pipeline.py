@@ -20,7 +20,7 @@ from slmforge.generate.writers import Unit, parse_reply, plan_units, preference_
 from slmforge.recipe import GenerateConfig
 from slmforge.records import Chunk, Item
 
-EXTRACTIVE_KINDS = ("mcq", "cloze", "preference", "qa")
+EXTRACTIVE_KINDS = ("mcq", "cloze", "preference", "qa", "summary")
 MODEL_KINDS = ("qa", "mcq", "summary", "rephrase", "preference")
 
 
@@ -47,7 +47,8 @@ def make_items(chunks: list[Chunk], kinds: Iterable[str], cfg: GenerateConfig, *
                cache_dir: Path, seed: int, avoid_texts: Iterable[str] = ()) -> tuple[list[Item], list[dict]]:
     """(accepted items, rejected rows with "reason") for `kinds` over `chunks`.
 
-    teacher=None: extractive kinds only (cloze, mcq, definition qa, term-swap preference), correct by construction.
+    teacher=None: extractive kinds only (cloze, mcq, definition qa, principal-sentence summary, term-swap preference),
+    correct by construction.
     avoid_texts: no item may share a `cfg.verify.heldout_ngram`-word n-gram with any of them (decontamination).
     """
     kinds = set(kinds)
@@ -75,7 +76,7 @@ def make_items(chunks: list[Chunk], kinds: Iterable[str], cfg: GenerateConfig, *
         if wanted and cfg.extractive_per_chunk:
             terms = TermIndex(chunks)
             for chunk in track(chunks, "extractive items"):
-                for item in extractive_items(chunk, wanted, terms, cfg.extractive_per_chunk, seed):
+                for item in extractive_items(chunk, wanted, terms, cfg.extractive_per_chunk, seed, cfg.max_passage_words):
                     consider(item)
     if teacher is None:
         return accepted, rejected

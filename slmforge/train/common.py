@@ -55,7 +55,7 @@ def load_model_and_tokenizer(path: str, cfg):
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dev["dtype"], attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dev["dtype"], attn_implementation=attn_implementation())
     if cfg["method"] == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -63,6 +63,43 @@ def load_model_and_tokenizer(path: str, cfg):
         model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                                  target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
     return model, tok
+
+
+def attn_implementation() -> str:
+    """"sdpa" on GPUs; on CPU "sdpa_varlen" (registered here): SDPA per packed document, see `_varlen_sdpa`."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "sdpa"
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_SDPA, _varlen_sdpa)
+    AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)  # padded batches and generation keep SDPA's own masks
+    return VARLEN_SDPA
+
+
+VARLEN_SDPA = "sdpa_varlen"
+
+
+def _varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None, **kwargs):
+    """Causal SDPA on each document of a padding-free packed batch (one row; TRL's collator passes `cu_seq_lens_q`).
+
+    The same result as SDPA with the block-diagonal mask transformers builds from the restarting position_ids, but with
+    an explicit mask CPU SDPA computes the whole row x row score matrix (~1k x 1k per layer for 4 x 256-token blocks):
+    its backward alone was ~17% of an SFT step. Per document it costs each document's length squared, on the unmasked
+    causal kernel. (torch's varlen_attn and flash-attn are CUDA-only.) Anything else goes to transformers' SDPA.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or not getattr(module, "is_causal", True):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1]) for s, e in zip(bounds[:-1], bounds[1:]) if e > s], dim=2)
+    return out.transpose(1, 2).contiguous(), None
 
 
 # ------------------------------------------------------------------------------------------ trainer arguments

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 from slmforge.run import Stage, StageContext, atomic_write_jsonl, read_jsonl
@@ -41,18 +42,16 @@ def valid_conversation(row) -> bool:
             and any(m["role"] == "assistant" and m["content"].strip() for m in msgs))
 
 
-def balance_kinds(rows: list[dict], max_per_kind: int) -> list[dict]:
-    """Keep at most `max_per_kind` rows of each "kind" (first ones, file order); 0 keeps everything."""
+def balance_kinds(rows: list[dict], max_per_kind: int, seed: int = 0) -> list[dict]:
+    """At most `max_per_kind` rows of each "kind", a seeded sample spread over the file (file order kept); 0 keeps all."""
     if not max_per_kind:
         return rows
-    seen: dict[str, int] = {}
-    kept = []
-    for r in rows:
-        kind = r.get("kind", "")
-        seen[kind] = seen.get(kind, 0) + 1
-        if seen[kind] <= max_per_kind:
-            kept.append(r)
-    return kept
+    by_kind: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_kind.setdefault(r.get("kind", ""), []).append(i)
+    rng = random.Random(seed)
+    keep = {i for idx in by_kind.values() for i in (rng.sample(idx, max_per_kind) if len(idx) > max_per_kind else idx)}
+    return [r for i, r in enumerate(rows) if i in keep]
 
 
 class SftStage(Stage):
@@ -68,7 +67,7 @@ class SftStage(Stage):
         source = ctx.run.require("generate", "sft.jsonl")
         rows = read_jsonl(source)
         good = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
-                for r in balance_kinds([r for r in rows if valid_conversation(r)], ctx.recipe.sft.max_per_kind)]
+                for r in balance_kinds([r for r in rows if valid_conversation(r)], ctx.recipe.sft.max_per_kind, ctx.recipe.seed)]
         if not good:
             raise ValueError(f"{source}: no usable conversations (rows need 'messages': [{{role, content}}, ...] with an assistant reply)")
         data = ctx.scratch / "sft.jsonl"
