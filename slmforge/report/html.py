@@ -45,21 +45,41 @@ def funnel_steps(manifests: dict[str, dict]) -> list[tuple[str, float]]:
     ing = (manifests.get("ingest") or {}).get("counts", {})
     cur = (manifests.get("curate") or {}).get("counts", {})
     gen = (manifests.get("generate") or {}).get("counts", {})
+    sft = (manifests.get("sft") or {}).get("counts", {})
+    candidates = gen.get("items", 0) + gen.get("rejected", 0) if gen else None
     for label, value in (("files read", ing.get("files")), ("documents", ing.get("documents")), ("chunks", ing.get("chunks")),
                          ("curated train chunks", cur.get("train_chunks")), ("held-out chunks (eval only)", cur.get("heldout_chunks")),
-                         ("generated items", gen.get("items")), ("SFT rows", gen.get("sft_rows")), ("DPO rows", gen.get("dpo_rows")),
-                         ("pretraining rows", gen.get("pretrain_rows"))):
+                         ("generated candidates", candidates), ("accepted items", gen.get("items")),
+                         ("SFT rows", gen.get("sft_rows")), ("SFT rows trained on", sft.get("conversations")),
+                         ("DPO pairs", gen.get("dpo_rows")), ("pretraining rows", gen.get("pretrain_rows"))):
         if isinstance(value, (int, float)) and value > 0:
             steps.append((label, value))
     return steps
 
 
-def _funnel_section(manifests: dict) -> str:
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _funnel_section(manifests: dict, run=None) -> str:
+    """The funnel plot, then where data was dropped and why: ingest, curation, and each generator's verification."""
     cur = (manifests.get("curate") or {}).get("counts", {})
-    removed = cur.get("removed", {})
-    body = [[_td(k.replace("_", " ")), _td(f"{v:,}", True)] for k, v in removed.items()]
-    table = _table(["removed by curation", "chunks"], body) if body else ""
-    return "<h2>Data funnel</h2>" + _img(plots.funnel(funnel_steps(manifests)), "data funnel") + table
+    ing = (manifests.get("ingest") or {}).get("counts", {})
+    tables = []
+    dropped = [[_td(f"ingest: {k}"), _td(f"{v:,}", True)] for k, v in (ing.get("rejected_by_reason") or {}).items()]
+    dropped += [[_td(f"curate: {k.replace('_', ' ')}"), _td(f"{v:,}", True)] for k, v in cur.get("removed", {}).items()]
+    if dropped:
+        tables.append(_table(["removed (stage: reason)", "files / chunks"], dropped))
+    per_generator = _read_json(run.stage_dir("generate") / "report.json").get("per_generator", {}) if run else {}
+    if per_generator:
+        body = [[_td(name), _td(f"{g['candidates']:,}", True), _td(f"{g['accepted']:,}", True), _td(f"{g['rate']:.0%}", True),
+                 _td(", ".join(f"{k} {v}" for k, v in sorted(g["reasons"].items(), key=lambda kv: -kv[1])) or "—")]
+                for name, g in per_generator.items()]
+        tables.append(_table(["generator (kind/origin)", "candidates", "accepted", "rate", "rejection reasons"], body))
+    return "<h2>Data funnel</h2>" + _img(plots.funnel(funnel_steps(manifests)), "data funnel") + "".join(tables)
 
 
 def _eval_section(results: dict | None) -> str:
@@ -152,7 +172,7 @@ def render(run, results: dict | None = None, predictions: dict | None = None, sa
         f"<style>{CSS}</style></head><body>",
         f"<h1>slmforge run report: {escape(name)}</h1>",
         f"<p class='muted'>written {time.strftime('%Y-%m-%d %H:%M:%S')} · {escape(str(run.root))}</p>",
-        _funnel_section(manifests),
+        _funnel_section(manifests, run),
         _eval_section(results),
         "<h2>Training loss</h2>" + _img(plots.loss_curves(histories), "loss curves (no log_history.json yet)"),
         _samples_section(predictions or {}, models, samples),
