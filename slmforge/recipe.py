@@ -461,6 +461,11 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     for key in ("documents", "run_dir"):
         if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
             data[key] = str((base / data[key]).resolve())
+    nested = [("dapt", "general_dataset")] + [(stage, "accelerate_config") for stage in ("dapt", "sft", "dpo")]
+    for section, key in nested:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            data[section][key] = str((base / value).resolve())
     return data
 
 

@@ -71,10 +71,13 @@ def test_layers_preset_then_yaml_then_overrides(tmp_path, corpus):
 def test_relative_paths_resolve_against_the_recipe_file(tmp_path, corpus):
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "r.yaml"
-    path.write_text(yaml.safe_dump({"name": "x", "documents": "../docs"}))
+    path.write_text(yaml.safe_dump({"name": "x", "documents": "../docs", "dapt": {"general_dataset": "general.jsonl"},
+                                    "sft": {"accelerate_config": "/etc/fsdp.yaml"}}))
     recipe = load_recipe(path)
     assert recipe.documents == corpus.resolve()
     assert recipe.run_path == (tmp_path / "sub" / "runs" / "x").resolve()
+    assert recipe.dapt.general_dataset == (tmp_path / "sub" / "general.jsonl").resolve()
+    assert recipe.sft.accelerate_config == Path("/etc/fsdp.yaml")  # absolute paths stay as written
 
 
 @pytest.mark.parametrize("recipe_path", sorted(REPO.glob("examples/*/recipe.yaml")), ids=lambda p: p.parent.name)

@@ -137,6 +137,14 @@ def trainer_kwargs(cfg: dict, output_dir: Path, seed: int) -> dict:
     )
 
 
+def triton_lm_head() -> bool:
+    """Whether TRL's chunked log-prob LM head runs as its Triton kernel here (CUDA/XPU with Triton), not torch fallbacks."""
+    from trl.kernels.chunked_logprob import _use_triton
+    import torch
+
+    return torch.cuda.is_available() and _use_triton(torch.device("cuda"))
+
+
 def cpu_fast_bf16() -> bool:
     """True on CPUs with AMX bf16 tiles (Sapphire Rapids and later): bf16 autocast trains ~1.8x faster there than fp32.
 
