@@ -11,6 +11,7 @@ the same key is skipped; a different key reruns it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -83,6 +84,16 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    """Content hash of a file; remembered per (path, inode, size, mtime) so a run hashes each input once. A file changed
+    in the last 2 s is always read (git's "racy clean" rule: a same-size rewrite within one mtime tick looks unchanged)."""
+    st = os.stat(path)
+    if time.time_ns() - st.st_mtime_ns < 2_000_000_000:
+        return _sha256_file.__wrapped__(path, st.st_ino, st.st_size, st.st_mtime_ns)
+    return _sha256_file(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _sha256_file(path: str, ino: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
