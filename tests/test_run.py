@@ -88,7 +88,8 @@ app()
 def _cli(*args, harness: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "SLMFORGE_QUIET": "1"}
     cmd = [sys.executable, "-c", HARNESS, harness, *args] if harness else [sys.executable, "-m", "slmforge.cli", "build", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # own process group: kill -9 reaches any worker it forked too (no orphan left sleeping after the test)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_for(condition, proc, timeout=120):
@@ -122,7 +123,7 @@ def test_kill_9_then_resume_gives_identical_output(tmp_path):
     proc = _cli(str(recipe_path), harness="ingest")
     _wait_for(lambda: cache.is_dir() and len(list(cache.rglob("*.json"))) >= 40, proc)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_root / "ingest" / "manifest.json").exists()
     cached = {p: p.stat().st_mtime_ns for p in cache.rglob("*.json")}
@@ -133,7 +134,7 @@ def test_kill_9_then_resume_gives_identical_output(tmp_path):
     done_marker = lambda: any(run_root.glob(".work/curate-*/scratch/logs/mh1/completions/*"))  # noqa: E731
     _wait_for(done_marker, proc)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (run_root / "ingest" / "manifest.json").exists() and not (run_root / "curate" / "manifest.json").exists()
     assert all(p.stat().st_mtime_ns == t for p, t in cached.items()), "resumed ingest re-parsed finished files"
