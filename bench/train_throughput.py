@@ -1,7 +1,8 @@
 """SFT training throughput, side by side on the same data and model: slmforge's SFT vs TRL's SFTTrainer.
 
     slmforge      slmforge.train.sft.make_trainer with the recipe's SFT defaults (no checkpointing, BFD packing,
-                  padding-free, assistant-only loss; bf16 autocast on AMX CPUs, else fp32)
+                  padding-free, assistant-only loss; bf16 autocast on AMX CPUs, else fp32; on CPU: attention per packed
+                  document, LM head + cross-entropy only at scored positions — see slmforge/train/common.py, sft.py)
     trl_default   SFTConfig() as TRL ships it (bf16 autocast + activation checkpointing, no packing); only the batch
                   size, max_length, step count, assistant_only_loss and use_cpu (needed to start on a CPU) are set
     trl_best_cpu  the best CPU configuration found for SFTTrainer: checkpointing off, its own BFD packing, bf16
@@ -12,11 +13,24 @@ Achieved FLOP/s is compared with the fp32 matmul peak as the brief asks; under b
 so a bf16 matmul peak is printed too (the fraction against it is the honest utilisation figure there).
 
 Useful tokens = non-padding tokens in the batches the trainer consumed (counted from the collated batches). The first
-step of every config is warm-up and not timed. Achieved FLOP/s counts 6 x parameters per token (forward + backward, full
-fine-tune, the usual model-FLOPs convention; attention score FLOPs are left out) against the peak of a torch fp32
-2048^3 matmul measured in the same run with the same threads. Ends with `RESULT {json}`.
+step of every config is warm-up and not timed. Achieved FLOP/s = model FLOPs of the timed batches / their step time,
+model FLOPs in the PaLM (Chowdhery et al. 2022, app. B) / Chinchilla convention, counted per collated batch:
 
-    .venv/bin/python bench/train_throughput.py [--steps 6] [--default-steps 2] [--batch 4] [--max-length 256]
+    6 * N_body * tokens                     forward + backward of every matmul weight outside the embedding
+  + 6 * V * d * scored_tokens               the tied LM head (d x V matmul) where a label is scored
+  + 12 * L * d * sum(t_i ** 2)              attention scores QK^T and AV (forward 4*t*d per token and layer, x3)
+
+N_body = parameters - the V x d embedding (tied with the LM head, so counted once as the head's matmul); t_i = length of
+each document a token attends within (a packed row's documents do not attend to each other; a padded row is one
+document of its non-padding length); the attention term is not halved for the causal mask (the convention). Counting
+the LM head only where the loss needs a logit (assistant tokens) instead of at every token, as a plain 6N would, is the
+lower, honest figure: slmforge's loss skips the others, TRL's CPU fallback computes them. Nothing else (embedding
+lookups, norms, softmax, optimizer) is counted. The peak is a torch fp32 2048^3 matmul measured in the same run with the
+same threads. Ends with `RESULT {json}`.
+
+    .venv/bin/python bench/train_throughput.py [--steps 6] [--default-steps 3] [--batch 4] [--max-length 256]
+
+The defaults are the recipe's SFT defaults (batch 4 x 256 tokens); the demo preset trains SFT at --max-length 384.
 """
 
 from __future__ import annotations
@@ -68,10 +82,12 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 8, dtype=torch.float32)
 
 
 class Meter:
-    """Counts useful tokens per collated batch and times steps (skipping the first, warm-up)."""
+    """Counts useful tokens and model FLOPs (see the docstring) per collated batch; times steps (skipping the first)."""
 
-    def __init__(self):
+    def __init__(self, flops_of):
+        self.flops_of = flops_of
         self.tokens: list[int] = []
+        self.flops: list[float] = []
         self.step_times: list[float] = []
 
     def wrap(self, collate):
@@ -79,6 +95,7 @@ class Meter:
             batch = collate(examples)
             mask = batch.get("attention_mask")
             self.tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+            self.flops.append(self.flops_of(batch))
             return batch
 
         return counted
@@ -101,9 +118,31 @@ class Meter:
         steps = len(self.step_times)
         return sum(self.tokens[1:steps]) / sum(self.step_times[1:])
 
+    def flops_per_s(self) -> float:
+        return sum(self.flops[1:len(self.step_times)]) / sum(self.step_times[1:])
 
-def run(name: str, build, steps: int) -> dict:
-    meter = Meter()
+
+def model_flops(config, n_params: int):
+    """FLOPs of one training step on a collated batch, in the convention of the module docstring."""
+    d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    n_body = n_params - vocab * d  # tied: the embedding matrix is the LM head's weight
+
+    def flops_of(batch) -> float:
+        mask = batch.get("attention_mask")
+        if "position_ids" in batch and mask is None:  # padding-free packed: documents restart at position 0
+            starts = (batch["position_ids"].flatten() == 0).nonzero().flatten().tolist() + [batch["position_ids"].numel()]
+            lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+        else:
+            lengths = (mask.sum(-1) if mask is not None else torch.full((len(batch["input_ids"]),), batch["input_ids"].shape[1])).tolist()
+        tokens = sum(lengths)
+        scored = int((batch["labels"][:, 1:] != -100).sum())
+        return 6 * n_body * tokens + 6 * vocab * d * scored + 12 * layers * d * sum(t * t for t in lengths)
+
+    return flops_of
+
+
+def run(name: str, build, steps: int, flops_of) -> dict:
+    meter = Meter(flops_of)
     trainer = build(steps)
     trainer.data_collator = meter.wrap(trainer.data_collator)
     trainer.add_callback(meter.callback())
@@ -111,16 +150,19 @@ def run(name: str, build, steps: int) -> dict:
     trainer.train()
     wall = time.perf_counter() - started
     tps = meter.tokens_per_s()
-    print(f"{name:13s} {tps:7.1f} useful tok/s  (steps {steps}, wall {wall:.0f}s, step times "
+    print(f"{name:13s} {tps:7.1f} useful tok/s, {meter.flops_per_s() / 1e9:6.1f} GFLOP/s  (steps {steps}, wall {wall:.0f}s, step times "
           f"{', '.join(f'{t:.1f}' for t in meter.step_times)})", flush=True)
-    return {"tokens_per_s": round(tps, 2), "steps": steps, "wall_s": round(wall, 1),
-            "tokens_per_step": round(sum(meter.tokens[1:steps]) / max(1, steps - 1), 1)}
+    timed = slice(1, len(meter.step_times))
+    return {"tokens_per_s": round(tps, 2), "gflops": round(meter.flops_per_s() / 1e9, 1), "steps": steps,
+            "wall_s": round(wall, 1), "tokens_per_step": round(sum(meter.tokens[timed]) / max(1, steps - 1), 1),
+            "model_flops_per_token": round(sum(meter.flops[timed]) / sum(meter.tokens[timed])),
+            "step_times": [round(t, 2) for t in meter.step_times]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--default-steps", type=int, default=2, help="TRL defaults are ~10x slower here: fewer steps")
+    ap.add_argument("--default-steps", type=int, default=3, help="TRL defaults are slower here: fewer steps (the first is untimed)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
     args = ap.parse_args()
@@ -135,7 +177,10 @@ def main() -> None:
     data = Dataset.from_list(conversations(64))
     cfg = SftConfig(enabled=True, batch_size=args.batch, max_length=args.max_length, report_to=[]).model_dump(mode="json")
     out = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_path).parameters())
+    probe = AutoModelForCausalLM.from_pretrained(model_path)
+    n_params = sum(p.numel() for p in probe.parameters())  # tied embedding counted once
+    flops_of = model_flops(probe.config, n_params)
+    del probe
 
     def slmforge_trainer(steps):
         model, tok = common.load_model_and_tokenizer(model_path, {**cfg, "max_steps": steps})
@@ -158,14 +203,14 @@ def main() -> None:
 
     peak_before = matmul_peak(threads)
     results = {
-        "slmforge": run("slmforge", slmforge_trainer, args.steps),
-        "trl_best_cpu": run("trl_best_cpu", trl_trainer(True), args.steps),
-        "trl_fp32_cpu": run("trl_fp32_cpu", trl_trainer(True, bf16=False), args.steps),
-        "trl_default": run("trl_default", trl_trainer(False), args.default_steps),
+        "slmforge": run("slmforge", slmforge_trainer, args.steps, flops_of),
+        "trl_best_cpu": run("trl_best_cpu", trl_trainer(True), args.steps, flops_of),
+        "trl_fp32_cpu": run("trl_fp32_cpu", trl_trainer(True, bf16=False), args.steps, flops_of),
+        "trl_default": run("trl_default", trl_trainer(False), args.default_steps, flops_of),
     }
     peak = max(peak_before, matmul_peak(threads))
     peak_bf16 = matmul_peak(threads, dtype=torch.bfloat16)
-    flops = 6 * n_params * results["slmforge"]["tokens_per_s"]
+    flops = results["slmforge"]["gflops"] * 1e9
     summary = {
         "model": "SmolLM2-135M-Instruct", "params": n_params, "threads": threads, "batch": args.batch,
         "max_length": args.max_length, "device": device_defaults()["device"],
@@ -175,6 +220,7 @@ def main() -> None:
         "speedup_vs_trl_best_cpu": round(results["slmforge"]["tokens_per_s"] / results["trl_best_cpu"]["tokens_per_s"], 2),
         "speedup_vs_trl_fp32_cpu": round(results["slmforge"]["tokens_per_s"] / results["trl_fp32_cpu"]["tokens_per_s"], 2),
         "bf16_autocast": cpu_fast_bf16() or torch.cuda.is_available(),
+        "flops_convention": "PaLM model FLOPs: 6*N_body*tokens + 6*V*d*scored_tokens + 12*L*d*sum(doc_len^2)",
         "achieved_gflops": round(flops / 1e9, 1),
         "fraction_of_peak": round(flops / peak, 3),
         "matmul_peak_bf16_gflops": round(peak_bf16 / 1e9, 1),

@@ -196,6 +196,56 @@ def test_sft_loss_only_on_assistant_tokens(tmp_path, tiny_model):
     assert tok.apply_chat_template(SFT_ROWS[0]["messages"], tokenize=False) == plain
 
 
+def test_cpu_per_document_attention_equals_the_block_diagonal_mask(tiny_model):
+    """Packed padding-free rows: SDPA per document (CPU path) = transformers' SDPA with its block-diagonal mask."""
+    from transformers import AutoModelForCausalLM
+
+    lengths = [7, 12, 3, 9]
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    ids = torch.randint(10, 1000, pos.shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for impl in ("sdpa", common.attn_implementation()):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl).train()
+        logits = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12,
+                       max_length_k=12, use_cache=False).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad))
+    assert model.config._attn_implementation == "sdpa_varlen"  # this test runs on CPU
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-4)
+    alone = model(input_ids=ids[:, 7:19], use_cache=False).logits  # and a document alone gives the same logits
+    torch.testing.assert_close(results[1][0][:, 7:19], alone.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_sft_scored_positions_loss_equals_trls_loss(tmp_path, tiny_model):
+    """The CPU loss (LM head at scored positions only) gives TRL SFTTrainer's loss and gradients on the same batch."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    cfg = build_recipe({"name": "t", "documents": str(tmp_path), "sft": {**TINY_TRAIN, "max_length": 128}}).sft
+    cfgd = cfg.model_dump(mode="json")
+    out = []
+    for trl_loss in (True, False):
+        model, tok = common.load_model_and_tokenizer(tiny_model, cfgd)
+        trainer = sft.make_trainer(model, tok, Dataset.from_list(SFT_ROWS[:6]), common.trainer_kwargs(cfgd, tmp_path, 0),
+                                   {"config": cfgd})
+        assert type(trainer).__name__ == "ScoredPositionsSFTTrainer"  # CPU
+        if trl_loss:
+            trainer.__class__ = SFTTrainer
+        model.train()
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=None)  # fp32: the unprepared model has no autocast
+        loss.backward()
+        out.append((loss.detach(), model.model.embed_tokens.weight.grad, model.model.layers[1].mlp.up_proj.weight.grad,
+                    trainer._metrics["train"]["mean_token_accuracy"][-1]))
+    (trl_loss, *trl_grads, trl_acc), (loss, *grads, acc) = out
+    torch.testing.assert_close(loss, trl_loss, atol=1e-5, rtol=1e-5)
+    for g, trl_g in zip(grads, trl_grads):
+        assert (g - trl_g).norm() <= 1e-4 * trl_g.norm()
+    assert acc == pytest.approx(trl_acc, abs=1e-6)
+
+
 def test_sft_without_generate_output_names_the_missing_artifact(tmp_path, tiny_model):
     recipe, run = make_run(tmp_path, tiny_model, generate=False, sft={"enabled": True})
     with pytest.raises(FileNotFoundError, match=r"generate/sft.jsonl is missing"):

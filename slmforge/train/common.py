@@ -95,11 +95,16 @@ def _varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 
     if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or not getattr(module, "is_causal", True):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
-    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1]) for s, e in zip(bounds[:-1], bounds[1:]) if e > s], dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    lengths = cu_seq_lens_q.diff().tolist()
+    gqa = query.shape[1] != key.shape[1]
+    # fp32 even under bf16 autocast: CPU flash attention's bf16 backward is slower than its fp32 one (measured 4.7 vs
+    # 3.8 ms fwd+bwd per 256-token document), and RoPE has already made q and k fp32. split, not slicing: its backward
+    # concatenates instead of zero-filling a full-size gradient per document.
+    with torch.autocast("cpu", enabled=False):
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+            for q, k, v in zip(*(t.float().split(lengths, dim=2) for t in (query, key, value)))], dim=2)
+    return out.to(value.dtype).transpose(1, 2).contiguous(), None  # bf16 under autocast: o_proj's input dtype
 
 
 # ------------------------------------------------------------------------------------------ trainer arguments
@@ -118,6 +123,7 @@ def trainer_kwargs(cfg: dict, output_dir: Path, seed: int) -> dict:
         learning_rate=cfg["learning_rate"],
         warmup_steps=math.ceil(cfg["warmup_ratio"] * cfg["max_steps"]),
         weight_decay=cfg["weight_decay"],
+        optim="adamw_torch_fused",  # transformers' default today, pinned: 9% faster SFT steps here than adamw_torch
         logging_steps=cfg["logging_steps"],
         save_strategy="steps",
         save_steps=cfg["save_steps"],
@@ -138,11 +144,11 @@ def trainer_kwargs(cfg: dict, output_dir: Path, seed: int) -> dict:
 
 
 def triton_lm_head() -> bool:
-    """Whether TRL's chunked log-prob LM head runs as its Triton kernel here (CUDA/XPU with Triton), not torch fallbacks."""
-    from trl.kernels.chunked_logprob import _use_triton
+    """Whether TRL's chunked log-prob LM head runs as its Triton kernel (CUDA with Triton), not as torch fallbacks."""
     import torch
+    from transformers.utils import is_triton_available
 
-    return torch.cuda.is_available() and _use_triton(torch.device("cuda"))
+    return torch.cuda.is_available() and is_triton_available()
 
 
 def cpu_fast_bf16() -> bool:
