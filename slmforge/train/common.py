@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from slmforge.models import device_defaults, resolve_model
-from slmforge.run import RunDir, atomic_write_json, hash_obj, sha256_file
+from slmforge.run import RunDir, Stage, atomic_write_json, atomic_write_jsonl, hash_obj, sha256_file
 
 TRAIN_STAGES = ("dapt", "sft", "dpo")
 
@@ -105,6 +105,28 @@ def _varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
             q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
             for q, k, v in zip(*(t.float().split(lengths, dim=2) for t in (query, key, value)))], dim=2)
     return out.to(value.dtype).transpose(1, 2).contiguous(), None  # bf16 under autocast: o_proj's input dtype
+
+
+class FineTuneStage(Stage):
+    """What SFT and DPO share: rows of generate/<source> -> the usable ones in scratch -> a job from the previous model."""
+
+    source = ""  # file name under generate/
+
+    def inputs(self, recipe, run):
+        data = run.artifact_hash("generate", self.source)  # first: a clear error when generate has not run
+        _, model_key = start_model(recipe, run, self.name)
+        return {self.name: data, "model": model_key}
+
+    def train_on(self, ctx, rows: list[dict], counts: dict) -> None:
+        """Write `rows` as the training data, then train from the start model; `counts` go to the manifest first."""
+        data = ctx.scratch / self.source
+        atomic_write_jsonl(data, rows)
+        model_path, _ = start_model(ctx.recipe, ctx.run, self.name)
+        ctx.counts.update({**counts, "start_model": model_path})
+        ctx.counts.update(train(self.name, model=model_path, data=data, ctx=ctx, cfg=getattr(ctx.recipe, self.name)))
+
+    def summary_rows(self, counts):
+        return summary_rows(self.name, counts)
 
 
 # ------------------------------------------------------------------------------------------ trainer arguments

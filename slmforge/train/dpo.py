@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from slmforge.run import Stage, StageContext, atomic_write_jsonl, read_jsonl
+from slmforge.run import StageContext, read_jsonl
 from slmforge.train import common
 
 
@@ -18,33 +18,22 @@ def valid_pair(row) -> bool:
             and _turns(row.get("rejected"), "assistant") and row["chosen"][-1]["content"] != row["rejected"][-1]["content"])
 
 
-class DpoStage(Stage):
+class DpoStage(common.FineTuneStage):
     name = "dpo"
     version = "1"
-
-    def inputs(self, recipe, run):
-        data = run.artifact_hash("generate", "dpo.jsonl")  # first: a clear error when generate has not run
-        _, model_key = common.start_model(recipe, run, self.name)
-        return {"dpo": data, "model": model_key}
+    source = "dpo.jsonl"
 
     def run(self, ctx: StageContext) -> None:
         cfg = ctx.recipe.dpo
-        source = ctx.run.require("generate", "dpo.jsonl")
+        source = ctx.run.require("generate", self.source)
         rows = read_jsonl(source)
         good = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows if valid_pair(r)]
         if not good:
             raise ValueError(f"{source}: no usable preference pairs (rows need conversational 'prompt', 'chosen', 'rejected')")
         # Only the pairs the step budget reaches: precomputing reference log-probs for unused pairs is wasted time.
-        needed = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.processes
-        data = ctx.scratch / "dpo.jsonl"
-        atomic_write_jsonl(data, random.Random(ctx.recipe.seed).sample(good, min(needed, len(good))))
-        model_path, _ = common.start_model(ctx.recipe, ctx.run, self.name)
-        ctx.counts.update({"pairs": len(good), "pairs_used": min(needed, len(good)), "skipped_rows": len(rows) - len(good),
-                           "start_model": model_path})
-        ctx.counts.update(common.train(self.name, model=model_path, data=data, ctx=ctx, cfg=cfg))
-
-    def summary_rows(self, counts):
-        return common.summary_rows(self.name, counts)
+        needed = min(cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.processes, len(good))
+        self.train_on(ctx, random.Random(ctx.recipe.seed).sample(good, needed),
+                      {"pairs": len(good), "pairs_used": needed, "skipped_rows": len(rows) - len(good)})
 
 
 def make_trainer(model, tok, dataset, kwargs: dict, job: dict):

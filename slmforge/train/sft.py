@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import re
 
-from slmforge.run import Stage, StageContext, atomic_write_jsonl, read_jsonl
+from slmforge.run import StageContext, read_jsonl
 from slmforge.train import common
 
 ROLES = {"system", "user", "assistant"}
@@ -54,30 +54,19 @@ def balance_kinds(rows: list[dict], max_per_kind: int, seed: int = 0) -> list[di
     return [r for i, r in enumerate(rows) if i in keep]
 
 
-class SftStage(Stage):
+class SftStage(common.FineTuneStage):
     name = "sft"
     version = "1"
-
-    def inputs(self, recipe, run):
-        data = run.artifact_hash("generate", "sft.jsonl")  # first: a clear error when generate has not run
-        _, model_key = common.start_model(recipe, run, self.name)
-        return {"sft": data, "model": model_key}
+    source = "sft.jsonl"
 
     def run(self, ctx: StageContext) -> None:
-        source = ctx.run.require("generate", "sft.jsonl")
+        source = ctx.run.require("generate", self.source)
         rows = read_jsonl(source)
         good = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
                 for r in balance_kinds([r for r in rows if valid_conversation(r)], ctx.recipe.sft.max_per_kind, ctx.recipe.seed)]
         if not good:
             raise ValueError(f"{source}: no usable conversations (rows need 'messages': [{{role, content}}, ...] with an assistant reply)")
-        data = ctx.scratch / "sft.jsonl"
-        atomic_write_jsonl(data, good)
-        model_path, _ = common.start_model(ctx.recipe, ctx.run, self.name)
-        ctx.counts.update({"conversations": len(good), "skipped_rows": len(rows) - len(good), "start_model": model_path})
-        ctx.counts.update(common.train(self.name, model=model_path, data=data, ctx=ctx, cfg=ctx.recipe.sft))
-
-    def summary_rows(self, counts):
-        return common.summary_rows(self.name, counts)
+        self.train_on(ctx, good, {"conversations": len(good), "skipped_rows": len(rows) - len(good)})
 
 
 def make_trainer(model, tok, dataset, kwargs: dict, job: dict):
