@@ -118,8 +118,7 @@ def write_tasks(folder: Path, prefix: str, data_files: dict[str, Path], max_gen_
         text = task_config(name, bench, data_file, max_gen_toks.get(bench, 32), chat=bench in chat)
         atomic_write_text(folder / f"{bench}.yaml", text)
         (chatted if bench in chat else plain).append(name)
-    for group, names in ((prefix, plain), (f"{prefix}_chat", chatted)):
-        path = folder / ("_group.yaml" if group == prefix else "_group_chat.yaml")
+    for path, group, names in ((folder / "_group.yaml", prefix, plain), (folder / "_group_chat.yaml", f"{prefix}_chat", chatted)):
         if names:
             atomic_write_text(path, yaml.safe_dump({"group": group, "task": names, "aggregate_metric_list": []}, sort_keys=False))
         elif path.exists():

@@ -118,4 +118,4 @@ def score_model(name: str, spec: str, task_dir: Path, prefix: str, benches: list
         engine[bench] = {k: v for k, v in engine_results[task].items() if isinstance(v, (int, float)) and "," in k}
     del model
     return {"model": name, "spec": spec, "scores": scores, "items": items, "lm_eval": engine,
-            "seconds": round(time.time() - started, 2), "chat": sorted(chat)}
+            "seconds": round(time.time() - started, 2)}

@@ -70,7 +70,8 @@ class EvalStage(Stage):
         built_s = time.time() - started
 
         prefix = safe_prefix(recipe.name)
-        chat = {b for b in data_files if asked_in_chat(b, cfg.chat_template, base_has_chat_template(recipe.base_model))}
+        has_template = base_has_chat_template(recipe.base_model)
+        chat = {b for b in data_files if asked_in_chat(b, cfg.chat_template, has_template)}
         final_bench = run.stage_dir(self.name) / "benchmarks"  # where the exported tasks find their data after publish
         write_tasks(ctx.out / "lm_eval", prefix, {b: final_bench / p.name for b, p in data_files.items()}, cfg.max_new_tokens, chat)
         task_dir = ctx.scratch / "tasks"  # the same tasks pointing at this attempt's files, for scoring now

@@ -178,11 +178,13 @@ def extractive_items(chunk: Chunk, kinds: list[str], terms: TermIndex, per_kind:
 
 
 def _verb_base(verb: str) -> str:
-    if verb.endswith("ies"):
-        return verb[:-3] + "y"
-    if verb.endswith(("sses", "shes", "ches", "xes")):
-        return verb[:-2]
-    return verb[:-1]
+    """"specifies" -> "specify", "returns" -> "return" (enough for FUNCTION's verbs)."""
+    return verb[:-3] + "y" if verb.endswith("ies") else verb[:-1]
+
+
+def _everyday_word(word: str, terms: TermIndex) -> bool:
+    """A capitalised everyday word that starts a sentence ("The", "A", "Use"), not a corpus term ("PostgreSQL")."""
+    return word.isalpha() and word.istitle() and not terms.df.get(word) and (len(word) > 1 or word.lower() in ENGLISH_STOP_WORDS)
 
 
 _GENERIC_HEADINGS = {"note", "notes", "tip", "warning", "caution", "important", "parameters", "description", "examples",
@@ -206,6 +208,7 @@ def question_items(chunk: Chunk, sents: list[str], terms: TermIndex, per_kind: i
     names the section it comes from: "In “DELETE”, what is the count?".
     """
     out: list[Item] = []
+    section = section_name(chunk)
     for s in sents:
         if len(out) >= per_kind or s.split()[0] in _NOT_A_SUBJECT:
             continue
@@ -213,13 +216,11 @@ def question_items(chunk: Chunk, sents: list[str], terms: TermIndex, per_kind: i
         if not m or len(m["term"].split()) > 6 or m["term"].rstrip().endswith((",", ".")) or _CLAUSE & set(m["term"].split()):
             continue
         subject = s[: m.start("verb")].strip()
-        first = subject.split()[0]
-        if first.istitle() and first.lower() in ENGLISH_STOP_WORDS | {"use"} or first.isalpha() and first.istitle() and len(first) > 1 and not terms.df.get(first):
+        if _everyday_word(subject.split()[0], terms):
             subject = subject[0].lower() + subject[1:]  # "Use of ..." -> "use of ...", "The WITH clause" -> "the WITH clause"
         verb = m["verb"]
         question = f"what {verb} {subject}?" if verb in ("is", "are") else f"what does {subject} {_verb_base(verb)}?"
         specific = any(t in terms.terms for t in TERM.findall(subject))
-        section = section_name(chunk)
         prompt = question[0].upper() + question[1:] if specific or not section else f"In “{section}”, {question}"
         out.append(Item(id=make_id(kind="qa", prompt=prompt, answer=s), kind="qa", prompt=prompt, answer=s, **base))
     return out
@@ -241,6 +242,7 @@ def summary_items(chunk: Chunk, base: dict, max_words: int = 150, n_sentences: i
     sents = sentences(passage)
     if len(sents) < 2 * n_sentences:
         return []
+
     def score(i: int) -> float:  # ROUGE-1 F1 of the sentence against the passage without it
         return _f1(content_words(sents[i]), content_words(passage.replace(sents[i], " ")))
 
