@@ -297,6 +297,19 @@ def _write_recipe(tmp_path: Path, recipe) -> Path:
     return path
 
 
+def test_resume_skips_a_checkpoint_the_kill_left_half_written(tmp_path):
+    # A kill while the Trainer saves leaves checkpoint-N without (or with a truncated) trainer_state.json.
+    for step, state in [(3, '{"global_step": 3}'), (6, None), (9, '{"global_st')]:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    assert common.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]  # the rerun saves steps 6 and 9 again
+    assert common.last_checkpoint(tmp_path / "absent") is None
+
+
 def test_resume_after_kill9_continues_from_checkpoint(tmp_path, tiny_model):
     general = tmp_path / "general.jsonl"
     atomic_write_jsonl(general, [{"text": t} for t in GENERAL])
