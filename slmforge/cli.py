@@ -155,12 +155,18 @@ def serve(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt,
           port: Optional[int] = typer.Option(None, help="overrides serve.port")):
     """OpenAI-compatible server (chat, completions, streaming, JSON schema) with small-first routing to a fallback."""
     try:
-        from slmforge.serve.app import serve as run_server
+        from slmforge.serve.app import ServeError, serve as run_server
     except ImportError as err:
         console.print(f"[red]error:[/red] {err.name} is not installed: pip install 'slmforge[serve]'", highlight=False)
         raise typer.Exit(1) from None
+    from slmforge.models import ModelError
+
     overrides = list(set_ or []) + ([f"serve.host={host}"] if host else []) + ([f"serve.port={port}"] if port is not None else [])
-    run_server(_load(recipe, overrides))
+    try:
+        run_server(_load(recipe, overrides))
+    except (ServeError, ModelError) as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -92,13 +92,18 @@ def tokenizer_file(spec: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def cpu_threads() -> int:
+    """The cores this process may use (the affinity mask where the OS has one: containers and taskset shrink it)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def device_defaults() -> dict:
     """fp32 on CPU (this class of CPU has no fast bf16: measured ~100x slower), bf16 on a GPU that supports it."""
     import torch
 
     if torch.cuda.is_available():
         return {"device": "cuda", "dtype": torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16}
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    torch.set_num_threads(cpu_threads())
     return {"device": "cpu", "dtype": torch.float32}
 
 

@@ -312,7 +312,14 @@ class ServeConfig(Section):
     model: str = Field("auto", description="'auto' = this run's export/model, else its last trained model, else base_model; "
                        "or a folder, an HF id, a .gguf, 'default'")
     model_name: str = Field("", description="name clients see in /v1/models ('' = the recipe name)")
-    backend_url: str = Field("", description="'' = the model runs in process (transformers); or the OpenAI-compatible base URL "
+    engine: Literal["auto", "transformers", "llamacpp"] = Field(
+        "auto", description="in-process engine: 'llamacpp' runs a GGUF with llama.cpp (pip install 'slmforge[llamacpp]'); "
+        "'auto' = llama.cpp when it is installed and a GGUF is at hand (serve.model is one, or this run exported one), "
+        "else transformers")
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "Q4_K_M"] = Field(
+        "q8_0", description="which of this run's exported GGUF files llama.cpp serves (another exported one if absent)")
+    context: int = Field(4096, ge=256, description="llama.cpp context window (prompt + answer tokens)")
+    backend_url: str = Field("", description="'' = the model runs in process; or the OpenAI-compatible base URL "
                              "(…/v1) of a llama.cpp server / vLLM serving the specialist (router mode)")
     backend_model: str = Field("", description="model name sent to backend_url ('' = model_name)")
     backend_api_key_env: str = Field("", description="environment variable holding the backend's API key")

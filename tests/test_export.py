@@ -130,6 +130,10 @@ def test_export_stage_end_to_end(tiny, converter, tmp_path):
     assert (out / "gguf" / "tiny-spec-f16.gguf").stat().st_size > 1e6
     if gguf.quantizer() is None:
         assert any("Q4_K_M skipped" in s for s in counts["gguf_skipped"])
+    else:  # llama-cpp-python installed: its quantizer made Q4_K_M, and llama.cpp itself ran every file
+        assert {v["type"] for v in gg.values()} == {"f16", "q8_0", "Q4_K_M"}, counts
+        assert f16["verify_llama_cpp"] == "3/3", gg
+        assert all(v["verify_llama_cpp"].endswith("/3") for v in gg.values()), gg
     verify = json.loads((out / "verify.json").read_text())
     assert verify["gguf"]["tiny-spec-f16.gguf"] == verify["hf"]
 

@@ -119,9 +119,11 @@ def model_card(*, recipe: Recipe, source_label: str, out: Path, manifests: dict[
         "## GGUF check", "",
     ]
     if gg:
-        parts += ["Greedy continuations of the same prompt tokens, HF folder vs the GGUF read back with transformers:", "",
-                  "| file | type | prompts with identical greedy tokens |", "|---|---|---|"]
-        parts += [f"| `gguf/{name}` | {r['type']} | {r.get('verify', 'not checked')} |" for name, r in gg.items()]
+        parts += ["Greedy continuations of the same prompt tokens: the HF folder vs the GGUF read back by transformers, "
+                  "and run by llama.cpp (when llama-cpp-python was installed at export):", "",
+                  "| file | type | identical greedy tokens: transformers | llama.cpp |", "|---|---|---|---|"]
+        parts += [f"| `gguf/{name}` | {r['type']} | {r.get('verify', 'not checked')} | {r.get('verify_llama_cpp', 'not checked')} |"
+                  for name, r in gg.items()]
         parts.append("")
     parts += [f"- {s}" for s in gguf_report.get("skipped", [])] or ([] if gg else ["No GGUF was written."])
     parts += ["", "## Training data", "", data_summary(manifests), "## Recipe", "", "```yaml",

@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from slmforge.models import cache_root
+from slmforge.models import cache_root, cpu_threads
 
 CONVERTER = "convert_hf_to_gguf.py"
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by the converter directly
@@ -174,3 +174,25 @@ def load_gguf(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def greedy_llama_cpp(path: Path, inputs: list[list[int]], max_new_tokens: int) -> list[list[int]] | None:
+    """Greedy continuations by llama.cpp itself, the program GGUF files are for; None when llama-cpp-python is not
+    installed. Same prompt ids as greedy(); like transformers, an end-of-generation token is kept and ends the answer."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    threads = cpu_threads()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(map(len, inputs)) + max_new_tokens + 8, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    outs = []
+    for ids in inputs:
+        out: list[int] = []
+        for token in llm.generate(ids, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+            out.append(token)
+            if len(out) >= max_new_tokens or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                break
+        outs.append(out)
+    llm.close()
+    return outs

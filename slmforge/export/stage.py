@@ -56,7 +56,7 @@ class ExportStage(Stage):
         prompts = gguf.chat_inputs(tokenizer, cfg.verify_prompts)
         reference = gguf.greedy(reloaded, prompts, cfg.verify_tokens)
         verify = {"prompts": cfg.verify_prompts, "hf": [tokenizer.decode(r, skip_special_tokens=True) for r in reference],
-                  "gguf": {}}
+                  "gguf": {}, "gguf_llama_cpp": {}}
         del reloaded
 
         report = self._gguf(ctx, out / "model", model_hash, prompts, reference, tokenizer, verify)
@@ -81,7 +81,7 @@ class ExportStage(Stage):
         atomic_write_text(out / "README.md", readme)
         ctx.counts.update(
             source=source.label, merged_adapter=source.adapter is not None, dtype=cfg.dtype,
-            gguf={n: {"type": r["type"], "mb": r["mb"], "verify": r.get("verify")} for n, r in files.items()},
+            gguf={n: {k: r.get(k) for k in ("type", "mb", "verify", "verify_llama_cpp")} for n, r in files.items()},
             gguf_skipped=report["skipped"], eval_table=eval_table is not None, corpus_license=licences["corpus"],
             notes=notes,
         )
@@ -132,6 +132,13 @@ class ExportStage(Stage):
                 verify["gguf"][dest.name] = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
             except Exception as err:  # a reader that cannot load a new quant type must not lose the file
                 entry["verify"] = f"not loadable by transformers: {type(err).__name__}: {err}"[:300]
+            try:
+                outs = gguf.greedy_llama_cpp(dest, prompts, ctx.recipe.export.verify_tokens)
+                if outs is not None:
+                    entry["verify_llama_cpp"] = f"{sum(a == b for a, b in zip(outs, reference))}/{len(reference)}"
+                    verify["gguf_llama_cpp"][dest.name] = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+            except Exception as err:
+                entry["verify_llama_cpp"] = f"not loadable by llama.cpp: {type(err).__name__}: {err}"[:300]
             report["files"][dest.name] = entry
         report["converter"] = gguf.converter_version(converter)
         return report
@@ -149,7 +156,8 @@ class ExportStage(Stage):
 
     def summary_rows(self, c: dict) -> list[tuple[str, str]]:
         rows = [("exported model", c["source"] + (" (LoRA merged)" if c["merged_adapter"] else ""))]
-        rows += [(f"GGUF {v['type']}", f"{v['mb']} MiB, greedy match {v['verify']}") for v in c["gguf"].values()]
+        rows += [(f"GGUF {v['type']}", f"{v['mb']} MiB, greedy match {v['verify']}"
+                  + (f", in llama.cpp {v['verify_llama_cpp']}" if v.get("verify_llama_cpp") else "")) for v in c["gguf"].values()]
         rows += [("GGUF skipped", s[:80]) for s in c["gguf_skipped"]]
         rows.append(("model card eval table", "yes" if c["eval_table"] else "no (run eval first)"))
         return rows

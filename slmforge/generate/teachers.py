@@ -183,30 +183,35 @@ class TransformersTeacher(Teacher):
 
 # ---------------------------------------------------------------------------------------------- llama.cpp
 class LlamaCppTeacher(Teacher):
+    """A GGUF run by llama.cpp in process, through the same engine `slmforge serve` uses (chat template from the GGUF,
+    OpenAI sampling semantics, all cores)."""
+
     batch_hint = 1
 
     def __init__(self, gguf: Path, n_ctx: int = 4096):
         try:
-            from llama_cpp import Llama
+            from slmforge.serve.engines import LlamaCppEngine
+
+            self.engine = LlamaCppEngine(gguf, name=f"llamacpp:{Path(gguf).stem}", n_ctx=n_ctx)
         except ImportError:
-            raise RuntimeError("teacher.backend=llamacpp needs llama-cpp-python: pip install llama-cpp-python") from None
-        self.gguf = Path(gguf)
-        self.llm = Llama(model_path=str(self.gguf), n_ctx=n_ctx, verbose=False)
-        self.name = f"llamacpp:{self.gguf.stem}"
+            raise RuntimeError("teacher.backend=llamacpp needs llama-cpp-python: pip install 'slmforge[llamacpp]'") from None
+        self.gguf, self.name = Path(gguf), self.engine.name
 
     def identity(self) -> dict:
         st = self.gguf.stat()
         return {"backend": "llamacpp", "model": str(self.gguf), "size": st.st_size, "mtime": int(st.st_mtime)}
 
     def complete(self, requests: list[dict]) -> list[str | TeacherError]:
+        from slmforge.serve.protocol import APIError, GenRequest
+
         out: list[str | TeacherError] = []
         for r in requests:
+            req = GenRequest(messages=r["messages"], max_tokens=r.get("max_tokens", 128),
+                             temperature=r.get("temperature", 0.0), seed=r.get("seed", 0))
             try:
-                res = self.llm.create_chat_completion(messages=r["messages"], max_tokens=r.get("max_tokens", 128),
-                                                      temperature=r.get("temperature", 0.0), seed=r.get("seed", 0))
-                out.append(res["choices"][0]["message"]["content"].strip())
-            except (RuntimeError, ValueError, KeyError) as err:
-                out.append(TeacherError(f"llama.cpp failed: {err}"))
+                out.append(self.engine.answer(req).text.strip())
+            except (APIError, RuntimeError, ValueError) as err:
+                out.append(TeacherError(f"llama.cpp failed: {getattr(err, 'message', err)}"))
         return out
 
 

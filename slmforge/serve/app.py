@@ -14,12 +14,13 @@ import json
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from slmforge.recipe import Recipe, ServeConfig
-from slmforge.serve.engines import LocalEngine, RemoteEngine
+from slmforge.serve.engines import LlamaCppEngine, LocalEngine, RemoteEngine
 from slmforge.serve.metrics import Metrics
 from slmforge.serve.protocol import (
     APIError, ChatRequest, CompletionRequest, GenRequest, Generation, chat_chunk, chat_response, completion_chunk,
@@ -120,7 +121,7 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "backend": getattr(specialist, "base_url", "in process"),
+        return {"status": "ok", "model": name, "backend": describe(specialist),
                 "fallback": getattr(fallback, "base_url", None)}
 
     @app.get("/metrics")
@@ -211,6 +212,12 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
 
 
 # ------------------------------------------------------------------------------------------ from a recipe
+def describe(engine) -> str:
+    if isinstance(engine, RemoteEngine):
+        return engine.base_url
+    return f"llama.cpp in process ({Path(engine.path).name})" if isinstance(engine, LlamaCppEngine) else "transformers in process"
+
+
 def serving_model(recipe: Recipe) -> str:
     """serve.model 'auto': this run's exported model, else its last trained model, else the base model."""
     spec = recipe.serve.model
@@ -226,6 +233,58 @@ def serving_model(recipe: Recipe) -> str:
     return str(list(trained.values())[-1]) if trained else recipe.base_model
 
 
+GGUF_PREFERENCE = ("q8_0", "Q4_K_M", "f16", "bf16", "f32")  # near-lossless first; a 135M model loses more to 4 bits
+
+
+def serving_gguf(recipe: Recipe) -> Path | None:
+    """The GGUF file holding the model serving_model() names, if there is one: that model is a .gguf (or the packaged
+    default), or it is this run's export, whose gguf/ folder holds serve.gguf_type (else another exported type)."""
+    from slmforge.models import DEFAULT_MODEL, default_gguf
+
+    spec = serving_model(recipe)
+    if spec == DEFAULT_MODEL:
+        return default_gguf()
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return path
+    folder = path.parent / "gguf"
+    if path.name != "model" or not folder.is_dir():  # only an export has model/ beside gguf/
+        return None
+    order = [recipe.serve.gguf_type] + [t for t in GGUF_PREFERENCE if t != recipe.serve.gguf_type]
+    rank = {t: i for i, t in enumerate(order)}
+    files = [(rank[f.stem.rsplit("-", 1)[-1]], f) for f in folder.glob("*.gguf") if f.stem.rsplit("-", 1)[-1] in rank]
+    return min(files)[1] if files else None
+
+
+def make_engine(recipe: Recipe, name: str):
+    """The specialist's engine: a remote server (serve.backend_url), llama.cpp on a GGUF, or transformers."""
+    import importlib.util
+
+    cfg = recipe.serve
+    if cfg.backend_url:
+        return RemoteEngine(cfg.backend_url, cfg.backend_model or name, _env(cfg.backend_api_key_env), cfg.timeout_s, name=name)
+    gguf = serving_gguf(recipe) if cfg.engine != "transformers" else None
+    have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    if cfg.engine == "llamacpp" and gguf is None:
+        raise ServeError(f"serve.engine llamacpp: {serving_model(recipe)} is not a GGUF file and no GGUF was exported "
+                         "(set serve.model to a .gguf file, or export with export.gguf)")
+    if cfg.engine == "llamacpp" and not have_llama_cpp:
+        raise ServeError("serve.engine llamacpp: llama-cpp-python is not installed (pip install 'slmforge[llamacpp]')")
+    if gguf is not None and have_llama_cpp:
+        if not gguf.is_file():
+            raise ServeError(f"serve.model: GGUF file not found: {gguf}")
+        return LlamaCppEngine(gguf, name, n_ctx=cfg.context)
+    from slmforge.models import load_causal_lm, load_tokenizer
+
+    spec = serving_model(recipe)
+    device = None if cfg.device == "auto" else cfg.device
+    return LocalEngine(load_causal_lm(spec, device=device), load_tokenizer(spec), name)
+
+
+class ServeError(RuntimeError):
+    pass
+
+
 def _env(var: str) -> str | None:
     return (os.environ.get(var) or None) if var else None
 
@@ -233,14 +292,7 @@ def _env(var: str) -> str | None:
 def build_app(recipe: Recipe) -> FastAPI:
     cfg = recipe.serve
     name = cfg.model_name or recipe.name
-    if cfg.backend_url:
-        specialist = RemoteEngine(cfg.backend_url, cfg.backend_model or name, _env(cfg.backend_api_key_env), cfg.timeout_s, name=name)
-    else:
-        from slmforge.models import load_causal_lm, load_tokenizer
-
-        spec = serving_model(recipe)
-        device = None if cfg.device == "auto" else cfg.device
-        specialist = LocalEngine(load_causal_lm(spec, device=device), load_tokenizer(spec), name)
+    specialist = make_engine(recipe, name)
     r = cfg.routing
     fallback = RemoteEngine(r.fallback_url, r.fallback_model, _env(r.fallback_api_key_env), cfg.timeout_s,
                             name=r.fallback_model or r.fallback_url) if r.fallback_url else None
@@ -255,7 +307,8 @@ def serve(recipe: Recipe) -> None:
     app = build_app(recipe)
     cfg = recipe.serve
     auth = "on" if _env(cfg.api_key_env) else f"off (set {cfg.api_key_env} to require a key)"
-    console.print(f"serving [bold]{cfg.model_name or recipe.name}[/bold] on http://{cfg.host}:{cfg.port}/v1 "
+    console.print(f"serving [bold]{cfg.model_name or recipe.name}[/bold] ({describe(app.state.router.specialist)}) "
+                  f"on http://{cfg.host}:{cfg.port}/v1 "
                   f"(auth {auth}; fallback {cfg.routing.fallback_url or 'none'})", highlight=False)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 

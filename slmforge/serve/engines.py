@@ -4,6 +4,7 @@ another slmforge). Both report per-token log-probs when they can; the router nee
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import threading
 from collections import OrderedDict
@@ -153,6 +154,10 @@ class LocalEngine:
         ids = self.encode(req)
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._generate, req, ids)
 
+    def answer(self, req: GenRequest) -> Generation:
+        """Synchronous generation, for callers without an event loop (the llama.cpp teacher, benches)."""
+        return self._generate(req, self.encode(req))
+
     async def stream(self, req: GenRequest) -> AsyncIterator[str | Generation]:
         """Text deltas as tokens are generated, then the final Generation."""
         loop = asyncio.get_running_loop()
@@ -181,6 +186,110 @@ class LocalEngine:
             yield final
         finally:
             cancel.set()  # no-op when finished; stops generation when the client disconnected
+
+
+# ------------------------------------------------------------------------------------------ llama.cpp in process
+class LlamaCppEngine(LocalEngine):
+    """A GGUF file run by llama.cpp in this process (the compiled llama-cpp-python, extra `llamacpp`): quantized weights
+    and llama.cpp's CPU kernels, several times faster than transformers on a laptop CPU (bench/serve_engines.py).
+
+    We drive llama-cpp-python's token generator rather than its create_completion so this engine behaves like
+    LocalEngine: the same stop-string, streaming and cancellation code, exact token counts, and the confidence the
+    router needs read from the raw logits of each step (create_completion's logprobs would need logits_all, i.e.
+    the LM head over every prompt token and an n_ctx x vocab buffer). JSON schemas become llama.cpp grammars.
+    complete(), answer() and stream() are LocalEngine's: one worker thread, the same queue, hold-back and cancellation."""
+
+    def __init__(self, gguf_path: str, name: str, n_ctx: int = 4096, n_threads: int | None = None, cache_size: int = 32):
+        # (LocalEngine.__init__ is not called: there is no transformers model here)
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        from slmforge.models import cpu_threads
+
+        threads = n_threads or cpu_threads()
+        self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        atexit.register(self.llm.close)  # freed before interpreter teardown, where its __del__ would print a TypeError
+        self.name, self.path = name, str(gguf_path)
+        self.max_context = self.llm.n_ctx()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        text = lambda t: self.llm._model.token_get_text(t) if t != -1 else ""  # noqa: E731  (no public accessor)
+        self.formatter = Jinja2ChatFormatter(template=template, eos_token=text(self.llm.token_eos()),
+                                             bos_token=text(self.llm.token_bos())) if template else None
+        self.grammars: OrderedDict[str, object] = OrderedDict()  # schema -> compiled grammar (reusable across requests)
+        self.cache_size = cache_size
+
+    def encode(self, req: GenRequest) -> list[int]:
+        if req.messages is not None:
+            if self.formatter is None:
+                raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
+            rendered = self.formatter(messages=req.messages)
+            ids = self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+        else:
+            ids = self.llm.tokenize(req.prompt.encode("utf-8"), add_bos=True, special=False) if req.prompt else []
+        if not ids:
+            raise APIError(400, "the prompt is empty", "prompt")
+        if len(ids) + req.max_tokens > self.max_context:
+            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the served context "
+                                f"of {self.max_context} tokens", "max_tokens", "context_length_exceeded")
+        return ids
+
+    def grammar(self, schema: dict):
+        from llama_cpp import LlamaGrammar
+
+        key = json.dumps(schema, sort_keys=True)
+        grammar = self.grammars.pop(key, None)
+        if grammar is None:
+            try:
+                grammar = LlamaGrammar.from_json_schema(key, verbose=False)
+            except Exception as err:  # llama.cpp's schema converter raises various types
+                raise APIError(400, f"response_format: this JSON schema cannot be enforced: {err}", "response_format") from None
+        self.grammars[key] = grammar
+        while len(self.grammars) > self.cache_size:
+            self.grammars.popitem(last=False)
+        return grammar
+
+    async def validate(self, req: GenRequest) -> None:
+        self.encode(req)
+        if req.schema is not None:
+            self.grammar(req.schema)
+
+    def _generate(self, req: GenRequest, ids: list[int], on_text=None, cancel: threading.Event | None = None) -> Generation:
+        import llama_cpp
+        import numpy as np
+
+        llm, vocab = self.llm, self.llm.n_vocab()
+        if req.seed is not None:
+            llm.set_seed(req.seed)
+        sampling = dict(temp=req.temperature, top_p=req.top_p if req.temperature > 0 else 1.0,
+                        top_k=0, min_p=0.0, repeat_penalty=1.0)  # OpenAI semantics: only temperature and top_p
+        grammar = self.grammar(req.schema) if req.schema is not None else None
+        new, logprobs, data, sent = [], [], b"", 0
+        finish = "length"
+        for token in llm.generate(ids, grammar=grammar, **sampling):
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                finish = "stop"
+                break
+            # The logits this token was drawn from (raw: before temperature and the grammar mask), as LocalEngine does.
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).astype(np.float64)
+            peak = row.max()
+            logprobs.append(float(row[token] - peak - np.log(np.exp(row - peak).sum())))
+            new.append(token)
+            data += llm.detokenize([token], prev_tokens=ids + new[:-1])
+            text = data.decode("utf-8", errors="ignore")  # an unfinished UTF-8 character waits for its next bytes
+            if req.stop and cut_at_stop(text, req.stop)[1]:
+                finish = "stop"
+                break
+            if on_text is not None and len(text) > sent:
+                on_text(text[sent:])
+                sent = len(text)
+            if len(new) >= req.max_tokens or (cancel is not None and cancel.is_set()):
+                break
+        text, _ = cut_at_stop(data.decode("utf-8", errors="replace"), req.stop)
+        return Generation(text=text, model=self.name, prompt_tokens=len(ids), completion_tokens=len(new),
+                          finish_reason=finish, tokens=[llm.detokenize([t]).decode("utf-8", errors="replace") for t in new],
+                          logprobs=logprobs)
+
 
 
 # ------------------------------------------------------------------------------------------ remote
