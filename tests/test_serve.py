@@ -203,7 +203,10 @@ def test_small_first_routing_falls_back_when_unsure_and_stays_local_when_sure(ti
             assert r.model == "fallback-large" and route["route"] == "fallback" and route["fallback_reason"] == "low_confidence"
             assert route["confidence"] < -3.0
             streamed = list(client.chat.completions.create(model="x", messages=HELLO, max_tokens=6, stream=True))
-            assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == r.choices[0].message.content
+            deltas = [c.choices[0].delta.content for c in streamed if c.choices and c.choices[0].delta.content]
+            assert "".join(deltas) == r.choices[0].message.content
+            assert len(deltas) > 1  # the fallback's answer streams token by token, not as one block
+            assert streamed[-1].model_extra["slmforge"]["route"] == "fallback"
             metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
             assert 'slmforge_fallbacks_total{reason="low_confidence"} 2.0' in metrics and "slmforge_fallback_rate 1.0" in metrics
             fb_metrics = httpx.get(fb_url.removesuffix("/v1") + "/metrics").text
@@ -231,7 +234,11 @@ def test_unreachable_fallback_keeps_the_specialist_answer(unsure_engine):
             r = openai.OpenAI(base_url=url, api_key="unused").chat.completions.create(model="x", messages=HELLO, max_tokens=4)
             assert r.model == "unsure-specialist", r.model_extra
             assert "unreachable" in r.model_extra["slmforge"].get("fallback_error", ""), r.model_extra
-            assert "slmforge_fallback_errors_total 1.0" in httpx.get(url.removesuffix("/v1") + "/metrics").text
+            streamed = list(openai.OpenAI(base_url=url, api_key="unused").chat.completions.create(
+                model="x", messages=HELLO, max_tokens=4, stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == r.choices[0].message.content
+            assert "unreachable" in streamed[-1].model_extra["slmforge"]["fallback_error"]
+            assert "slmforge_fallback_errors_total 2.0" in httpx.get(url.removesuffix("/v1") + "/metrics").text
 
 
 def test_invalid_schema_output_is_routed_to_the_fallback():

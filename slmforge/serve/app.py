@@ -182,10 +182,12 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
                     else:
                         final = replace(item, model=name)
                 route = router.account_streamed(final, req)
-            else:  # the router must see the whole answer (confidence, schema) before choosing who answers
-                routed = await router.complete(req)
-                final, route = routed.generation, routed.route
-                yield sse(chunk(final.text))
+            else:  # the router must see the specialist's whole answer before choosing; a fallback answer streams live
+                async for item in router.stream(req):
+                    if isinstance(item, str):
+                        yield sse(chunk(item))
+                    else:
+                        final, route = item.generation, item.route
             extra = {"slmforge": route}
             yield sse(chunk(None, final.finish_reason, **extra))
             if include_usage:

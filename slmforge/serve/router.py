@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from typing import AsyncIterator
 
 from slmforge.recipe import RoutingConfig
 from slmforge.serve.metrics import Metrics
@@ -57,34 +58,63 @@ class Router:
             return "low_confidence", conf, valid
         return None, conf, valid
 
-    async def complete(self, req: GenRequest) -> Routed:
+    async def _ask_specialist(self, req: GenRequest) -> tuple[Generation, str | None, dict, float]:
         g = await self.specialist.complete(req)
         if self.name:
             g = replace(g, model=self.name)
         self.metrics.observe_tokens(g.model, g.prompt_tokens, g.completion_tokens)
         reason, conf, valid = self.reason_to_fall_back(g, req)
-        cost = self._cost(g, self.cfg.specialist_cost_per_mtok)
         route = {"answered_by": g.model, "route": "specialist", "confidence": conf, "fallback_reason": None,
                  "schema_valid": valid}
-        fallback_error = False
-        if reason and self.fallback is not None:
-            try:
-                fb = await self.fallback.complete(req)
-            except APIError as err:  # the specialist's answer is better than none
-                fallback_error = True
-                route["fallback_error"] = err.message
-            else:
-                self.metrics.observe_tokens(fb.model, fb.prompt_tokens, fb.completion_tokens)
-                cost += self._cost(fb, self.cfg.fallback_cost_per_mtok)
-                route = {"answered_by": fb.model, "route": "fallback", "confidence": conf, "fallback_reason": reason,
-                         "schema_valid": schema_valid(fb.text, req.schema), "specialist": g.model}
-                g = fb
-        elif reason:
+        if reason and self.fallback is None:
             route["below_threshold"] = reason  # noted, but there is nowhere to send it
+        return g, (reason if self.fallback is not None else None), route, self._cost(g, self.cfg.specialist_cost_per_mtok)
+
+    def _fallback_route(self, g: Generation, fb: Generation, reason: str, route: dict, req: GenRequest) -> dict:
+        self.metrics.observe_tokens(fb.model, fb.prompt_tokens, fb.completion_tokens)
+        return {"answered_by": fb.model, "route": "fallback", "confidence": route["confidence"], "fallback_reason": reason,
+                "schema_valid": schema_valid(fb.text, req.schema), "specialist": g.model}
+
+    def _done(self, g: Generation, route: dict, cost: float, fallback_error: bool) -> Routed:
         routed = Routed(g, route)
         self.metrics.observe_answer(route=route["route"], fallback_reason=route["fallback_reason"], fallback_error=fallback_error,
                                     schema_valid=route["schema_valid"], cost=cost, success=routed.success)
         return routed
+
+    async def complete(self, req: GenRequest) -> Routed:
+        g, reason, route, cost = await self._ask_specialist(req)
+        if reason is None:
+            return self._done(g, route, cost, False)
+        try:
+            fb = await self.fallback.complete(req)
+        except APIError as err:  # the specialist's answer is better than none
+            return self._done(g, {**route, "fallback_error": err.message}, cost, True)
+        route = self._fallback_route(g, fb, reason, route, req)
+        return self._done(fb, route, cost + self._cost(fb, self.cfg.fallback_cost_per_mtok), False)
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[str | Routed]:
+        """Text deltas, then the Routed answer. The specialist's answer must be whole before the router can judge it, so
+        it comes as one delta; an answer re-sent to the fallback streams from the fallback as it is generated."""
+        g, reason, route, cost = await self._ask_specialist(req)
+        if reason is not None:
+            sent = False
+            try:
+                async for item in self.fallback.stream(req):
+                    if isinstance(item, str):
+                        sent = True
+                        yield item
+                    else:
+                        fb = item
+            except APIError as err:
+                if sent:  # the client already holds part of the fallback's answer: it cannot be swapped now
+                    raise
+                route, reason = {**route, "fallback_error": err.message}, None
+            else:
+                route = self._fallback_route(g, fb, reason, route, req)
+                yield self._done(fb, route, cost + self._cost(fb, self.cfg.fallback_cost_per_mtok), False)
+                return
+        yield g.text
+        yield self._done(g, route, cost, "fallback_error" in route)
 
     def account_streamed(self, g: Generation, req: GenRequest) -> dict:
         """Metrics and route info of an answer streamed straight from the specialist (no fallback configured)."""
