@@ -223,6 +223,15 @@ def test_small_first_routing_falls_back_when_unsure_and_stays_local_when_sure(ti
             metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
             assert "slmforge_fallback_rate 0.0" in metrics and 'slmforge_answers_total{route="specialist"} 1.0' in metrics
 
+            # Asking for the fallback by name goes straight there, streamed or not; /v1/models lists both names.
+            client = openai.OpenAI(base_url=url, api_key="unused")
+            assert [m.id for m in client.models.list()] == ["smollm2-135m", "fallback-large"]
+            r = client.chat.completions.create(model="fallback-large", messages=HELLO, max_tokens=6)
+            assert r.model == "fallback-large" and r.model_extra["slmforge"]["fallback_reason"] == "requested"
+            streamed = list(client.chat.completions.create(model="fallback-large", messages=HELLO, max_tokens=6, stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == r.choices[0].message.content
+            assert 'slmforge_fallbacks_total{reason="requested"} 2.0' in httpx.get(url.removesuffix("/v1") + "/metrics").text
+
 
 def test_unreachable_fallback_keeps_the_specialist_answer(unsure_engine):
     with socket.socket() as s:

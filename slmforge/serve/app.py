@@ -76,7 +76,7 @@ def _gen_request(body: ChatRequest | CompletionRequest, cfg: ServeConfig) -> Gen
     if max_tokens > cfg.max_tokens:
         raise APIError(400, f"max_tokens {max_tokens} is over this server's limit of {cfg.max_tokens}", "max_tokens")
     req = GenRequest(max_tokens=max_tokens, temperature=cfg.temperature if body.temperature is None else body.temperature,
-                     top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop or [], seed=body.seed)
+                     top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop or [], seed=body.seed, model=body.model)
     if isinstance(body, ChatRequest):
         req.messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         rf = body.response_format
@@ -134,7 +134,8 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
         status = 200
         try:
             check_auth(request)
-            return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "slmforge"}]}
+            listed = [name] + ([router.fallback_name] if router.fallback_name else [])
+            return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "slmforge"} for n in listed]}
         except APIError as err:
             status = err.status
             raise

@@ -139,6 +139,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     schema: dict | None = None
     seed: int | None = None
+    model: str = ""  # what the client asked for; the fallback's name sends the request straight there
 
 
 @dataclass

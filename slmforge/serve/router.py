@@ -45,6 +45,11 @@ class Router:
     def __init__(self, specialist, fallback, cfg: RoutingConfig, metrics: Metrics, name: str | None = None):
         self.specialist, self.fallback, self.cfg, self.metrics = specialist, fallback, cfg, metrics
         self.name = name  # what clients call the specialist (the served model name)
+        # what clients call the fallback: asking for it by name skips the specialist (an explicit choice, not a guess)
+        self.fallback_name = (cfg.fallback_model or getattr(fallback, "name", "")) if fallback is not None else ""
+
+    def asks_for_fallback(self, req: GenRequest) -> bool:
+        return bool(self.fallback_name) and req.model == self.fallback_name
 
     def _cost(self, g: Generation, per_mtok: float) -> float:
         return (g.prompt_tokens + g.completion_tokens) * per_mtok / 1e6
@@ -59,6 +64,10 @@ class Router:
         return None, conf, valid
 
     async def _ask_specialist(self, req: GenRequest) -> tuple[Generation, str | None, dict, float]:
+        if self.asks_for_fallback(req):  # nothing asked of the specialist; "requested" is the reason to go there
+            g = Generation(text="", model=self.name or self.specialist.name)
+            return g, "requested", {"answered_by": g.model, "route": "specialist", "confidence": None, "fallback_reason": None,
+                                    "schema_valid": None, "requested": req.model}, 0.0
         g = await self.specialist.complete(req)
         if self.name:
             g = replace(g, model=self.name)
@@ -72,8 +81,9 @@ class Router:
 
     def _fallback_route(self, g: Generation, fb: Generation, reason: str, route: dict, req: GenRequest) -> dict:
         self.metrics.observe_tokens(fb.model, fb.prompt_tokens, fb.completion_tokens)
-        return {"answered_by": fb.model, "route": "fallback", "confidence": route["confidence"], "fallback_reason": reason,
-                "schema_valid": schema_valid(fb.text, req.schema), "specialist": g.model}
+        out = {"answered_by": fb.model, "route": "fallback", "confidence": route["confidence"], "fallback_reason": reason,
+               "schema_valid": schema_valid(fb.text, req.schema)}
+        return out if reason == "requested" else {**out, "specialist": g.model}
 
     def _done(self, g: Generation, route: dict, cost: float, fallback_error: bool) -> Routed:
         routed = Routed(g, route)
@@ -87,7 +97,9 @@ class Router:
             return self._done(g, route, cost, False)
         try:
             fb = await self.fallback.complete(req)
-        except APIError as err:  # the specialist's answer is better than none
+        except APIError as err:  # the specialist's answer is better than none (if there is one)
+            if reason == "requested":
+                raise
             return self._done(g, {**route, "fallback_error": err.message}, cost, True)
         route = self._fallback_route(g, fb, reason, route, req)
         return self._done(fb, route, cost + self._cost(fb, self.cfg.fallback_cost_per_mtok), False)
@@ -106,7 +118,7 @@ class Router:
                     else:
                         fb = item
             except APIError as err:
-                if sent:  # the client already holds part of the fallback's answer: it cannot be swapped now
+                if sent or reason == "requested":  # the client holds part of the fallback's answer, or asked for it only
                     raise
                 route, reason = {**route, "fallback_error": err.message}, None
             else:
