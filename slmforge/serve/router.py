@@ -67,7 +67,7 @@ class Router:
         if self.asks_for_fallback(req):  # nothing asked of the specialist; "requested" is the reason to go there
             g = Generation(text="", model=self.name or self.specialist.name)
             return g, "requested", {"answered_by": g.model, "route": "specialist", "confidence": None, "fallback_reason": None,
-                                    "schema_valid": None, "requested": req.model}, 0.0
+                                    "schema_valid": None}, 0.0
         g = await self.specialist.complete(req)
         if self.name:
             g = replace(g, model=self.name)
@@ -120,7 +120,7 @@ class Router:
             except APIError as err:
                 if sent or reason == "requested":  # the client holds part of the fallback's answer, or asked for it only
                     raise
-                route, reason = {**route, "fallback_error": err.message}, None
+                route = {**route, "fallback_error": err.message}
             else:
                 route = self._fallback_route(g, fb, reason, route, req)
                 yield self._done(fb, route, cost + self._cost(fb, self.cfg.fallback_cost_per_mtok), False)
