@@ -267,14 +267,14 @@ class LlamaCppEngine(LocalEngine):
         new, logprobs, data, sent = [], [], b"", 0
         finish = "length"
         for token in llm.generate(ids, grammar=grammar, **sampling):
-            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-                finish = "stop"
-                break
             # The logits this token was drawn from (raw: before temperature and the grammar mask), as LocalEngine does.
             row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).astype(np.float64)
             peak = row.max()
             logprobs.append(float(row[token] - peak - np.log(np.exp(row - peak).sum())))
             new.append(token)
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):  # counted, like transformers' engine; no text
+                finish = "stop"
+                break
             data += llm.detokenize([token], prev_tokens=ids + new[:-1])
             text = data.decode("utf-8", errors="ignore")  # an unfinished UTF-8 character waits for its next bytes
             if req.stop and cut_at_stop(text, req.stop)[1]:
