@@ -74,18 +74,21 @@ class LocalEngine:
                 self._guided = Guided(self.model, self.tok)
             return self._guided
 
-    def encode(self, req: GenRequest) -> list[int]:
+    def tokenize(self, req: GenRequest) -> list[int]:
         if req.messages is not None:
             if not getattr(self.tok, "chat_template", None):
                 raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
-            ids = list(self.tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True)["input_ids"])
-        else:
-            ids = list(self.tok(req.prompt)["input_ids"])
+            return list(self.tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"])
+        return list(self.tok(req.prompt)["input_ids"])
+
+    def encode(self, req: GenRequest) -> list[int]:
+        """The prompt's token ids, or the 400 that explains why it cannot be served."""
+        ids = self.tokenize(req)
         if not ids:
             raise APIError(400, "the prompt is empty", "prompt")
         if len(ids) + req.max_tokens > self.max_context:
-            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the model's context "
+            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the served context "
                                 f"of {self.max_context} tokens", "max_tokens", "context_length_exceeded")
         return ids
 
@@ -219,20 +222,13 @@ class LlamaCppEngine(LocalEngine):
         self.grammars: OrderedDict[str, object] = OrderedDict()  # schema -> compiled grammar (reusable across requests)
         self.cache_size = cache_size
 
-    def encode(self, req: GenRequest) -> list[int]:
+    def tokenize(self, req: GenRequest) -> list[int]:
         if req.messages is not None:
             if self.formatter is None:
                 raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
             rendered = self.formatter(messages=req.messages)
-            ids = self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
-        else:
-            ids = self.llm.tokenize(req.prompt.encode("utf-8"), add_bos=True, special=False) if req.prompt else []
-        if not ids:
-            raise APIError(400, "the prompt is empty", "prompt")
-        if len(ids) + req.max_tokens > self.max_context:
-            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the served context "
-                                f"of {self.max_context} tokens", "max_tokens", "context_length_exceeded")
-        return ids
+            return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+        return self.llm.tokenize(req.prompt.encode("utf-8"), add_bos=True, special=False) if req.prompt else []
 
     def grammar(self, schema: dict):
         from llama_cpp import LlamaGrammar
