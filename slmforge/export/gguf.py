@@ -8,6 +8,8 @@ The PyPI `gguf` package is not enough: the converter needs the vendored gguf-py 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
+import itertools
 import os
 import shutil
 import subprocess
@@ -16,7 +18,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from slmforge.models import cache_root, cpu_threads
+from slmforge.models import cache_root
 
 CONVERTER = "convert_hf_to_gguf.py"
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by the converter directly
@@ -179,20 +181,11 @@ def load_gguf(path: Path):
 def greedy_llama_cpp(path: Path, inputs: list[list[int]], max_new_tokens: int) -> list[list[int]] | None:
     """Greedy continuations by llama.cpp itself, the program GGUF files are for; None when llama-cpp-python is not
     installed. Same prompt ids as greedy(); like transformers, an end-of-generation token is kept and ends the answer."""
-    try:
-        import llama_cpp
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         return None
-    threads = cpu_threads()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(map(len, inputs)) + max_new_tokens + 8, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
-    outs = []
-    for ids in inputs:
-        out: list[int] = []
-        for token in llm.generate(ids, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
-            out.append(token)
-            if len(out) >= max_new_tokens or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-                break
-        outs.append(out)
+    from slmforge.serve.engines import llama_steps, open_llama  # the engine `slmforge serve` runs GGUF files with
+
+    llm = open_llama(path, n_ctx=max(map(len, inputs)) + max_new_tokens + 8)
+    outs = [[token for token, _, _ in itertools.islice(llama_steps(llm, ids), max_new_tokens)] for ids in inputs]
     llm.close()
     return outs

@@ -125,20 +125,18 @@ class ExportStage(Stage):
             except OSError:
                 shutil.copy2(made[qtype], dest)
             entry = {"type": qtype, "mb": round(dest.stat().st_size / 2**20, 1)}
-            try:
-                outs = gguf.greedy(gguf.load_gguf(dest), prompts, ctx.recipe.export.verify_tokens)
-                same = sum(a == b for a, b in zip(outs, reference))
-                entry["verify"] = f"{same}/{len(reference)}"
-                verify["gguf"][dest.name] = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-            except Exception as err:  # a reader that cannot load a new quant type must not lose the file
-                entry["verify"] = f"not loadable by transformers: {type(err).__name__}: {err}"[:300]
-            try:
-                outs = gguf.greedy_llama_cpp(dest, prompts, ctx.recipe.export.verify_tokens)
-                if outs is not None:
-                    entry["verify_llama_cpp"] = f"{sum(a == b for a, b in zip(outs, reference))}/{len(reference)}"
-                    verify["gguf_llama_cpp"][dest.name] = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-            except Exception as err:
-                entry["verify_llama_cpp"] = f"not loadable by llama.cpp: {type(err).__name__}: {err}"[:300]
+            n = ctx.recipe.export.verify_tokens
+            readers = (("verify", "gguf", "transformers", lambda: gguf.greedy(gguf.load_gguf(dest), prompts, n)),
+                       ("verify_llama_cpp", "gguf_llama_cpp", "llama.cpp", lambda: gguf.greedy_llama_cpp(dest, prompts, n)))
+            for key, section, reader, run in readers:
+                try:
+                    outs = run()
+                except Exception as err:  # a reader that cannot load a new quant type must not lose the file
+                    entry[key] = f"not loadable by {reader}: {type(err).__name__}: {err}"[:300]
+                    continue
+                if outs is not None:  # None: llama-cpp-python is not installed
+                    entry[key] = f"{sum(a == b for a, b in zip(outs, reference))}/{len(reference)}"
+                    verify[section][dest.name] = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
             report["files"][dest.name] = entry
         report["converter"] = gguf.converter_version(converter)
         return report

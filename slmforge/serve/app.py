@@ -239,12 +239,13 @@ def serving_model(recipe: Recipe) -> str:
 GGUF_PREFERENCE = ("q8_0", "Q4_K_M", "f16", "bf16", "f32")  # near-lossless first; a 135M model loses more to 4 bits
 
 
-def serving_gguf(recipe: Recipe) -> Path | None:
-    """The GGUF file holding the model serving_model() names, if there is one: that model is a .gguf (or the packaged
-    default), or it is this run's export, whose gguf/ folder holds serve.gguf_type (else another exported type)."""
+def serving_gguf(recipe: Recipe, spec: str | None = None) -> Path | None:
+    """The GGUF file holding the model `spec` (default: serving_model()) names, if there is one: that model is a .gguf
+    (or the packaged default), or it is this run's export, whose gguf/ folder holds serve.gguf_type (else another
+    exported type)."""
     from slmforge.models import DEFAULT_MODEL, default_gguf
 
-    spec = serving_model(recipe)
+    spec = spec or serving_model(recipe)
     if spec == DEFAULT_MODEL:
         return default_gguf()
     path = Path(spec).expanduser()
@@ -254,9 +255,8 @@ def serving_gguf(recipe: Recipe) -> Path | None:
     if path.name != "model" or not folder.is_dir():  # only an export has model/ beside gguf/
         return None
     order = [recipe.serve.gguf_type] + [t for t in GGUF_PREFERENCE if t != recipe.serve.gguf_type]
-    rank = {t: i for i, t in enumerate(order)}
-    files = [(rank[f.stem.rsplit("-", 1)[-1]], f) for f in folder.glob("*.gguf") if f.stem.rsplit("-", 1)[-1] in rank]
-    return min(files)[1] if files else None
+    by_type = {f.stem.rsplit("-", 1)[-1]: f for f in folder.glob("*.gguf")}  # <name>-<type>.gguf
+    return next((by_type[t] for t in order if t in by_type), None)
 
 
 def make_engine(recipe: Recipe, name: str):
@@ -266,10 +266,11 @@ def make_engine(recipe: Recipe, name: str):
     cfg = recipe.serve
     if cfg.backend_url:
         return RemoteEngine(cfg.backend_url, cfg.backend_model or name, _env(cfg.backend_api_key_env), cfg.timeout_s, name=name)
-    gguf = serving_gguf(recipe) if cfg.engine != "transformers" else None
+    spec = serving_model(recipe)
+    gguf = serving_gguf(recipe, spec) if cfg.engine != "transformers" else None
     have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
     if cfg.engine == "llamacpp" and gguf is None:
-        raise ServeError(f"serve.engine llamacpp: {serving_model(recipe)} is not a GGUF file and no GGUF was exported "
+        raise ServeError(f"serve.engine llamacpp: {spec} is not a GGUF file and no GGUF was exported "
                          "(set serve.model to a .gguf file, or export with export.gguf)")
     if cfg.engine == "llamacpp" and not have_llama_cpp:
         raise ServeError("serve.engine llamacpp: llama-cpp-python is not installed (pip install 'slmforge[llamacpp]')")
@@ -279,7 +280,6 @@ def make_engine(recipe: Recipe, name: str):
         return LlamaCppEngine(gguf, name, n_ctx=cfg.context)
     from slmforge.models import load_causal_lm, load_tokenizer
 
-    spec = serving_model(recipe)
     device = None if cfg.device == "auto" else cfg.device
     return LocalEngine(load_causal_lm(spec, device=device), load_tokenizer(spec), name)
 

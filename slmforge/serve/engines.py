@@ -192,6 +192,35 @@ class LocalEngine:
 
 
 # ------------------------------------------------------------------------------------------ llama.cpp in process
+def open_llama(gguf_path, n_ctx: int, n_threads: int | None = None):
+    """llama-cpp-python's Llama on a GGUF file, on every core this process may use, quiet."""
+    from llama_cpp import Llama
+
+    from slmforge.models import cpu_threads
+
+    threads = n_threads or cpu_threads()
+    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def llama_steps(llm, ids: list[int], temperature: float = 0.0, top_p: float = 1.0, grammar=None):
+    """(token, log-prob, end-of-generation) per generated token, ending after an end-of-generation token.
+    OpenAI sampling semantics: only temperature and top_p (llama.cpp's top_k, min_p and repeat penalty are off).
+    The log-prob comes from the logits the token was drawn from, raw (before temperature and the grammar mask), as
+    LocalEngine reports it; reading the last output row needs no logits_all buffer."""
+    import llama_cpp
+    import numpy as np
+
+    vocab = llm.n_vocab()
+    for token in llm.generate(ids, temp=temperature, top_p=top_p if temperature > 0 else 1.0, top_k=0, min_p=0.0,
+                              repeat_penalty=1.0, grammar=grammar):
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).astype(np.float64)
+        peak = row.max()
+        eog = bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, token))
+        yield token, float(row[token] - peak - np.log(np.exp(row - peak).sum())), eog
+        if eog:
+            return
+
+
 class LlamaCppEngine(LocalEngine):
     """A GGUF file run by llama.cpp in this process (the compiled llama-cpp-python, extra `llamacpp`): quantized weights
     and llama.cpp's CPU kernels, several times faster than transformers on a laptop CPU (bench/serve_engines.py).
@@ -204,13 +233,9 @@ class LlamaCppEngine(LocalEngine):
 
     def __init__(self, gguf_path: str, name: str, n_ctx: int = 4096, n_threads: int | None = None, cache_size: int = 32):
         # (LocalEngine.__init__ is not called: there is no transformers model here)
-        from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        from slmforge.models import cpu_threads
-
-        threads = n_threads or cpu_threads()
-        self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm = open_llama(gguf_path, n_ctx, n_threads)
         atexit.register(self.llm.close)  # freed before interpreter teardown, where its __del__ would print a TypeError
         self.name, self.path = name, str(gguf_path)
         self.max_context = self.llm.n_ctx()
@@ -251,24 +276,16 @@ class LlamaCppEngine(LocalEngine):
             self.grammar(req.schema)
 
     def _generate(self, req: GenRequest, ids: list[int], on_text=None, cancel: threading.Event | None = None) -> Generation:
-        import llama_cpp
-        import numpy as np
-
-        llm, vocab = self.llm, self.llm.n_vocab()
+        llm = self.llm
         if req.seed is not None:
             llm.set_seed(req.seed)
-        sampling = dict(temp=req.temperature, top_p=req.top_p if req.temperature > 0 else 1.0,
-                        top_k=0, min_p=0.0, repeat_penalty=1.0)  # OpenAI semantics: only temperature and top_p
         grammar = self.grammar(req.schema) if req.schema is not None else None
         new, logprobs, data, sent = [], [], b"", 0
         finish = "length"
-        for token in llm.generate(ids, grammar=grammar, **sampling):
-            # The logits this token was drawn from (raw: before temperature and the grammar mask), as LocalEngine does.
-            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).astype(np.float64)
-            peak = row.max()
-            logprobs.append(float(row[token] - peak - np.log(np.exp(row - peak).sum())))
+        for token, logprob, eog in llama_steps(llm, ids, req.temperature, req.top_p, grammar):
+            logprobs.append(logprob)
             new.append(token)
-            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):  # counted, like transformers' engine; no text
+            if eog:  # counted, like transformers' engine; no text
                 finish = "stop"
                 break
             data += llm.detokenize([token], prev_tokens=ids + new[:-1])
