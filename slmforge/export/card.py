@@ -8,12 +8,13 @@ from pathlib import Path
 
 import yaml
 
+from slmforge.artifacts import EVAL, GENERATE, GGUF, STAGES
 from slmforge.models import DEFAULT_MODEL
 from slmforge.recipe import Recipe
 
 DEFAULT_UPSTREAM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LICENSE_NAMES = ("LICENSE*", "LICENCE*", "COPYING*")
-DATA_STAGES = ("ingest", "curate", "generate", "dapt", "sft", "dpo")
+DATA_STAGES = STAGES[: STAGES.index(EVAL)]  # the stages whose counts the card summarises
 
 
 # ------------------------------------------------------------------------------------------ licences
@@ -75,7 +76,7 @@ def data_summary(manifests: dict[str, dict]) -> str:
     for stage, m in manifests.items():
         lines += [f"### {stage}", "", "| what | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in _flatten(m.get("counts", {}))]
-        lines += ["", f"Finished {m.get('started', '?')} in {m.get('seconds', 0):.1f}s; stage version {m.get('stage_version')}.", ""]
+        lines += ["", f"Finished {m.get('started', '?')} in {m.get('seconds', 0):.1f}s; code {str(m.get('code', '?'))[:12]}.", ""]
     return "\n".join(lines)
 
 
@@ -122,7 +123,7 @@ def model_card(*, recipe: Recipe, source_label: str, out: Path, manifests: dict[
         parts += ["Greedy continuations of the same prompt tokens: the HF folder vs the GGUF read back by transformers, "
                   "and run by llama.cpp (when llama-cpp-python was installed at export):", "",
                   "| file | type | identical greedy tokens: transformers | llama.cpp |", "|---|---|---|---|"]
-        parts += [f"| `gguf/{name}` | {r['type']} | {r.get('verify', 'not checked')} | {r.get('verify_llama_cpp', 'not checked')} |"
+        parts += [f"| `{GGUF.name}/{name}` | {r['type']} | {r.get('verify', 'not checked')} | {r.get('verify_llama_cpp', 'not checked')} |"
                   for name, r in gg.items()]
         parts.append("")
     parts += [f"- {s}" for s in gguf_report.get("skipped", [])] or ([] if gg else ["No GGUF was written."])
@@ -132,8 +133,8 @@ def model_card(*, recipe: Recipe, source_label: str, out: Path, manifests: dict[
               "| input | licence |", "|---|---|",
               f"| base model ({base}) | {licences['base_model']} |",
               f"| documents (`{recipe.documents.name}/`) | {licences['corpus']} |"]
-    if "generate" in manifests:
-        teacher = manifests["generate"].get("config", {}).get("stage", {}).get("teacher", {})
+    if GENERATE in manifests:
+        teacher = manifests[GENERATE].get("config", {}).get("stage", {}).get("teacher", {})
         parts.append(f"| synthetic data teacher ({teacher.get('model', '?')}, {teacher.get('backend', '?')}) | "
                      "that model's licence and terms apply to its outputs |")
     if licences.get("corpus_file"):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmforge.models import resolve_model
+from slmforge.artifacts import TRAIN_STAGES, adapter
 from slmforge.run import RunDir, hash_obj, sha256_file
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -56,8 +57,9 @@ def resolve_source(spec: str, run: RunDir, base_model: str) -> Source:
             raise FileNotFoundError(f"export.source: {folder} is not a folder")
     if (folder / "adapter_config.json").is_file():
         return _adapter_source(label, folder)
-    if not _has_weights(folder) and (folder.parent / "adapter" / "adapter_config.json").is_file():
-        return _adapter_source(label, folder.parent / "adapter")  # a stage that kept only its LoRA adapter
+    kept = run.path(adapter(label)) if label in TRAIN_STAGES else None  # a stage that kept only its LoRA adapter
+    if not _has_weights(folder) and kept is not None and (kept / "adapter_config.json").is_file():
+        return _adapter_source(label, kept)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"export.source: {folder} has neither config.json nor adapter_config.json")
     return Source(label, str(folder))

@@ -19,17 +19,20 @@ from pathlib import Path
 from slmforge.console import console, track
 from slmforge.export import card, gguf
 from slmforge.export.merge import load_merged, resolve_source, save_hf_folder
+from slmforge.artifacts import (EXPORT, EXPORTED_MODEL, GGUF, MODEL_CARD, MODELFILE, TABLE, TRAIN_STAGES, VERIFY, gguf_file,
+                                trained_model)
 from slmforge.run import StageContext, Stage, atomic_write_json, atomic_write_text, hash_obj, sha256_file
 
 
 class ExportStage(Stage):
-    name = "export"
-    version = "1"
+    name = EXPORT
+    uses = (TABLE,) + tuple(trained_model(s) for s in TRAIN_STAGES)  # the model card pastes the eval table
+    makes = (EXPORTED_MODEL, GGUF, MODELFILE, MODEL_CARD, VERIFY)
 
-    def inputs(self, recipe, run):
+    def external_inputs(self, recipe, run):
         source = resolve_source(recipe.export.source, run, recipe.base_model)
         out = {"model": source.fingerprint()}
-        for stage in card.DATA_STAGES + ("eval",):
+        for stage in card.DATA_STAGES:  # the model card summarises every stage's counts
             m = run.manifest(stage)
             if m is not None:
                 out[stage] = hash_obj(m.get("outputs", {}))
@@ -44,41 +47,41 @@ class ExportStage(Stage):
         source = resolve_source(cfg.source, ctx.run, recipe.base_model)
         console.print(f"  exporting the {source.label} model" + (" (merging its LoRA adapter)" if source.adapter else ""))
         model, tokenizer = load_merged(source, cfg.dtype)
-        notes += save_hf_folder(model, tokenizer, out / "model")
-        model_hash = hash_obj({p.name: sha256_file(p) for p in sorted((out / "model").iterdir()) if p.is_file()})
+        model_dir = ctx.path(EXPORTED_MODEL)
+        notes += save_hf_folder(model, tokenizer, model_dir)
+        model_hash = hash_obj({p.name: sha256_file(p) for p in sorted(model_dir.iterdir()) if p.is_file()})
 
         # Reference: greedy tokens of the exported folder as transformers reloads it (upcast to fp32 like the GGUF reader).
         from transformers import AutoModelForCausalLM
         import torch
 
         del model
-        reloaded = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         prompts = gguf.chat_inputs(tokenizer, cfg.verify_prompts)
         reference = gguf.greedy(reloaded, prompts, cfg.verify_tokens)
         verify = {"prompts": cfg.verify_prompts, "hf": [tokenizer.decode(r, skip_special_tokens=True) for r in reference],
                   "gguf": {}, "gguf_llama_cpp": {}}
         del reloaded
 
-        report = self._gguf(ctx, out / "model", model_hash, prompts, reference, tokenizer, verify)
-        atomic_write_json(out / "verify.json", verify)
+        report = self._gguf(ctx, model_dir, model_hash, prompts, reference, tokenizer, verify)
+        ctx.write_json(VERIFY, verify)
 
         files = report["files"]
         if files:
             preferred = next((n for n, r in files.items() if r["type"] == cfg.ollama_gguf), next(iter(files)))
-            weights = f"./gguf/{preferred}"
+            weights = f"./{GGUF.name}/{preferred}"
         else:
-            weights = "./model"  # Ollama imports a safetensors folder of a supported architecture directly
-        atomic_write_text(out / "Modelfile", card.modelfile(weights, getattr(tokenizer, "chat_template", None)))
+            weights = f"./{EXPORTED_MODEL.name}"  # Ollama imports a safetensors folder of a supported architecture directly
+        ctx.write_text(MODELFILE, card.modelfile(weights, getattr(tokenizer, "chat_template", None)))
 
         licences = self._licences(recipe, out, notes)
         manifests = {s: m for s in card.DATA_STAGES if (m := ctx.run.manifest(s)) is not None}
-        table = ctx.run.stage_dir("eval") / "table.md"
-        eval_table = table.read_text(encoding="utf-8") if ctx.run.manifest("eval") and table.is_file() else None
+        eval_table = ctx.input(TABLE).read_text(encoding="utf-8") if ctx.run.has(TABLE) else None
         if eval_table is None:
             notes.append("no evaluation table: run `slmforge eval` before exporting to include it")
         readme = card.model_card(recipe=recipe, source_label=source.label, out=out, manifests=manifests,
                                  eval_table=eval_table, gguf_report=report, licences=licences, notes=notes)
-        atomic_write_text(out / "README.md", readme)
+        ctx.write_text(MODEL_CARD, readme)
         ctx.counts.update(
             source=source.label, merged_adapter=source.adapter is not None, dtype=cfg.dtype,
             gguf={n: {k: r.get(k) for k in ("type", "mb", "verify", "verify_llama_cpp")} for n, r in files.items()},
@@ -98,7 +101,7 @@ class ExportStage(Stage):
             report["skipped"].append(f"GGUF skipped: {err}")
             console.print(f"  [yellow]warning:[/yellow] {err}", highlight=False)
             return report
-        cache = ctx.run.cache_dir("gguf") / model_hash[:16]
+        cache = ctx.run.cache_dir(self.name) / model_hash[:16]
         cache.mkdir(parents=True, exist_ok=True)
         log = ctx.scratch / "gguf.log"
         stem = ctx.recipe.name
@@ -108,18 +111,17 @@ class ExportStage(Stage):
         made: dict[str, Path] = {}
         for qtype in track([t for t in wanted if t in gguf.CONVERTER_TYPES] + (["f16"] if needs_f16 and tool and "f16" not in wanted else []),
                            "converting to GGUF"):
-            target = cache / f"{stem}-{qtype}.gguf"
+            target = cache / gguf_file(stem, qtype)
             made[qtype] = target if target.is_file() else gguf.convert(hf_folder, target, qtype, converter, log)
         for qtype in [t for t in wanted if t in gguf.QUANTIZER_TYPES]:
             if tool is None:
                 report["skipped"].append(f"{qtype} skipped: llama.cpp's quantizer is not installed "
                                          "(pip install llama-cpp-python, or put llama-quantize on PATH)")
                 continue
-            target = cache / f"{stem}-{qtype}.gguf"
+            target = cache / gguf_file(stem, qtype)
             made[qtype] = target if target.is_file() else gguf.quantize(made["f16"], target, qtype, tool)
-        (ctx.out / "gguf").mkdir(exist_ok=True)
         for qtype in track([t for t in wanted if t in made], "checking GGUF files"):
-            dest = ctx.out / "gguf" / made[qtype].name
+            dest = ctx.path(GGUF) / made[qtype].name
             try:  # the cache keeps the file so a rerun skips the conversion; a hard link costs no disk
                 os.link(made[qtype], dest)
             except OSError:

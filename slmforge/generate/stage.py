@@ -1,8 +1,9 @@
 """Generate stage: curate/train.jsonl -> verified synthetic items and TRL-ready training files.
 
-    items.jsonl     every accepted Item            pretrain.jsonl  {"text", "chunk_id", "teacher", "kind"}
-    sft.jsonl       {"messages", ...}              dpo.jsonl       {"prompt", "chosen", "rejected", ...}
-    rejected.jsonl  rejected items with a reason   report.json     acceptance per generator, reason counts
+    ITEMS              every accepted Item              PRETRAIN_ROWS  PretrainRow {"text", "chunk_id", "teacher", "kind"}
+    SFT_ROWS           SftRow {"messages", ...}         DPO_ROWS       DpoRow {"prompt", "chosen", "rejected", ...}
+    GENERATE_REJECTED  rejected items with a reason     GENERATE_REPORT acceptance per generator, reason counts
+    (declared in slmforge/artifacts.py)
 
 Held-out chunks are read only to decontaminate: no output may share a long n-gram with them. Teacher replies are
 cached per request under runs/<name>/cache/generate, so a killed run resumes without asking twice.
@@ -17,8 +18,9 @@ from slmforge.generate.formats import dpo_rows, pretrain_rows, sft_rows
 from slmforge.generate.pipeline import MODEL_KINDS, make_items
 from slmforge.generate.teachers import make_teacher
 from slmforge.generate.verify import Verifier
-from slmforge.records import Chunk
-from slmforge.run import Stage, StageContext, atomic_write_json, atomic_write_jsonl, read_jsonl
+from slmforge.artifacts import (DPO_ROWS, GENERATE, GENERATE_REJECTED, GENERATE_REPORT, HELDOUT_CHUNKS, ITEMS, PRETRAIN_ROWS,
+                                SFT_ROWS, TRAIN_CHUNKS)
+from slmforge.run import Stage, StageContext
 
 
 def acceptance(items, rejected: list[dict]) -> dict:
@@ -37,23 +39,21 @@ def acceptance(items, rejected: list[dict]) -> dict:
 
 
 class GenerateStage(Stage):
-    name = "generate"
-    version = "1"
-
-    def inputs(self, recipe, run):
-        return {"train": run.artifact_hash("curate", "train.jsonl"), "heldout": run.artifact_hash("curate", "heldout.jsonl")}
+    name = GENERATE
+    needs = (TRAIN_CHUNKS, HELDOUT_CHUNKS)  # held-out chunks only to decontaminate against
+    makes = (ITEMS, PRETRAIN_ROWS, SFT_ROWS, DPO_ROWS, GENERATE_REJECTED, GENERATE_REPORT)
 
     def run(self, ctx: StageContext) -> None:
         cfg, recipe = ctx.recipe.generate, ctx.recipe
-        train = read_jsonl(ctx.run.require("curate", "train.jsonl"), Chunk)
-        heldout = read_jsonl(ctx.run.require("curate", "heldout.jsonl"), Chunk)
+        train = ctx.read(TRAIN_CHUNKS)
+        heldout = ctx.read(HELDOUT_CHUNKS)
         if not train:
-            raise ValueError(f"{ctx.run.stage_dir('curate') / 'train.jsonl'} has no chunks: nothing to generate from")
+            raise ValueError(f"{ctx.run.path(TRAIN_CHUNKS)} has no chunks: nothing to generate from")
         started = time.time()
         wants_teacher = bool(set(cfg.kinds) & set(cfg.teacher_kinds) & set(MODEL_KINDS)) and cfg.teacher.backend != "none"
         teacher = make_teacher(cfg, recipe.base_model) if wants_teacher else None
         avoid = [c.text for c in heldout]
-        items, rejected = make_items(train, cfg.kinds, cfg, teacher=teacher, cache_dir=ctx.run.cache_dir("generate"),
+        items, rejected = make_items(train, cfg.kinds, cfg, teacher=teacher, cache_dir=ctx.run.cache_dir(self.name),
                                      seed=recipe.seed, avoid_texts=avoid)
 
         chunks = {c.id: c for c in train}
@@ -66,11 +66,11 @@ class GenerateStage(Stage):
                 pretrain.append(row)
         sft, dpo = sft_rows(items), dpo_rows(items)
 
-        atomic_write_jsonl(ctx.out / "items.jsonl", items)
-        atomic_write_jsonl(ctx.out / "pretrain.jsonl", pretrain)
-        atomic_write_jsonl(ctx.out / "sft.jsonl", sft)
-        atomic_write_jsonl(ctx.out / "dpo.jsonl", dpo)
-        atomic_write_jsonl(ctx.out / "rejected.jsonl", rejected)
+        ctx.write(ITEMS, items)
+        ctx.write(PRETRAIN_ROWS, pretrain)
+        ctx.write(SFT_ROWS, sft)
+        ctx.write(DPO_ROWS, dpo)
+        ctx.write(GENERATE_REJECTED, rejected)
         per_generator = acceptance(items, rejected)
         ctx.counts.update(
             train_chunks=len(train), teacher=teacher.name if teacher else "none", items=len(items), rejected=len(rejected),
@@ -78,7 +78,7 @@ class GenerateStage(Stage):
             teacher_failures=sum(r["reason"] == "teacher_error" for r in rejected),
             acceptance={k: v["rate"] for k, v in per_generator.items()},
         )
-        atomic_write_json(ctx.out / "report.json", {
+        ctx.write_json(GENERATE_REPORT, {
             "counts": ctx.counts, "per_generator": per_generator,
             "reasons": dict(Counter(r["reason"] for r in rejected).most_common()),
             "seconds": round(time.time() - started, 1),

@@ -9,14 +9,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from slmforge.artifacts import CHUNKS, DOCUMENTS, INGEST, INGEST_REJECTED, INGEST_REPORT
 from slmforge.console import track
 from slmforge.ingest.chunking import TokenCounter, chunk_document
 from slmforge.ingest.readers import ReadError, read_file
 from slmforge.models import tokenizer_file
 from slmforge.records import Chunk, Document, Rejection
-from slmforge.run import StageContext, Stage, atomic_write_json, atomic_write_jsonl, cached_unit, hash_obj, iter_files, sha256_file
-
-READER_VERSION = "1"
+from slmforge.run import StageContext, Stage, cached_unit, code_hash, hash_obj, iter_files, sha256_file
 
 
 class EmptyCorpusError(RuntimeError):
@@ -29,10 +28,10 @@ def _tokenizer_path(recipe) -> Path | None:
 
 
 class IngestStage(Stage):
-    name = "ingest"
-    version = "1"
+    name = INGEST
+    makes = (DOCUMENTS, CHUNKS, INGEST_REJECTED, INGEST_REPORT)
 
-    def inputs(self, recipe, run):
+    def external_inputs(self, recipe, run):
         cfg = recipe.ingest
         root = recipe.documents
         files = {p.relative_to(root).as_posix(): sha256_file(p) for p in iter_files(root, cfg.include, cfg.exclude)}
@@ -44,11 +43,11 @@ class IngestStage(Stage):
         tok_path = _tokenizer_path(ctx.recipe)
         counter = TokenCounter(tok_path)
         settings = {
-            "reader": READER_VERSION, "chunk_tokens": cfg.chunk_tokens, "overlap": cfg.chunk_overlap,
+            "reader": code_hash(__name__), "chunk_tokens": cfg.chunk_tokens, "overlap": cfg.chunk_overlap,
             "min": cfg.min_chunk_tokens, "fallback": cfg.encoding_fallback,
             "tokenizer": sha256_file(tok_path) if tok_path else None,
         }
-        cache = ctx.run.cache_dir("ingest")
+        cache = ctx.run.cache_dir(self.name)
         files = list(iter_files(root, cfg.include, cfg.exclude))
         documents: list[Document] = []
         chunks: list[Chunk] = []
@@ -84,9 +83,9 @@ class IngestStage(Stage):
                 f"no readable documents under {root} (looked for {', '.join(cfg.include)}){detail}"
             )
 
-        atomic_write_jsonl(ctx.out / "documents.jsonl", documents)
-        atomic_write_jsonl(ctx.out / "chunks.jsonl", chunks)
-        atomic_write_jsonl(ctx.out / "rejected.jsonl", rejected)
+        ctx.write(DOCUMENTS, documents)
+        ctx.write(CHUNKS, chunks)
+        ctx.write(INGEST_REJECTED, rejected)
         by_format = Counter(d.format for d in documents)
         ctx.counts.update(
             files=len(files), documents=len(documents), rejected=len(rejected), chunks=len(chunks),
@@ -94,7 +93,7 @@ class IngestStage(Stage):
             rejected_by_reason=dict(Counter(r.reason for r in rejected)), warnings=len(warnings),
             files_from_cache=units.get("cache_hits", 0),
         )
-        atomic_write_json(ctx.out / "report.json", {
+        ctx.write_json(INGEST_REPORT, {
             "counts": ctx.counts,
             "rejected": [r.model_dump() for r in rejected],
             "warnings": warnings,

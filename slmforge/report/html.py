@@ -12,7 +12,8 @@ import time
 from html import escape
 from pathlib import Path
 
-from slmforge.recipe import STAGES
+from slmforge.artifacts import (CURATE, GENERATE, GENERATE_REPORT, INGEST, PREDICTIONS, REPORT, RESULTS, SFT, STAGES, TRAIN_STAGES,
+                                log_history, predictions_file)
 from slmforge.report import plots
 from slmforge.run import atomic_write_text, read_jsonl
 
@@ -42,10 +43,10 @@ def _img(uri: str | None, alt: str) -> str:
 
 def funnel_steps(manifests: dict[str, dict]) -> list[tuple[str, float]]:
     steps = []
-    ing = (manifests.get("ingest") or {}).get("counts", {})
-    cur = (manifests.get("curate") or {}).get("counts", {})
-    gen = (manifests.get("generate") or {}).get("counts", {})
-    sft = (manifests.get("sft") or {}).get("counts", {})
+    ing = (manifests.get(INGEST) or {}).get("counts", {})
+    cur = (manifests.get(CURATE) or {}).get("counts", {})
+    gen = (manifests.get(GENERATE) or {}).get("counts", {})
+    sft = (manifests.get(SFT) or {}).get("counts", {})
     candidates = gen.get("items", 0) + gen.get("rejected", 0) if gen else None
     for label, value in (("files read", ing.get("files")), ("documents", ing.get("documents")), ("chunks", ing.get("chunks")),
                          ("curated train chunks", cur.get("train_chunks")), ("held-out chunks (eval only)", cur.get("heldout_chunks")),
@@ -66,14 +67,14 @@ def _read_json(path: Path) -> dict:
 
 def _funnel_section(manifests: dict, run=None) -> str:
     """The funnel plot, then where data was dropped and why: ingest, curation, and each generator's verification."""
-    cur = (manifests.get("curate") or {}).get("counts", {})
-    ing = (manifests.get("ingest") or {}).get("counts", {})
+    cur = (manifests.get(CURATE) or {}).get("counts", {})
+    ing = (manifests.get(INGEST) or {}).get("counts", {})
     tables = []
     dropped = [[_td(f"ingest: {k}"), _td(f"{v:,}", True)] for k, v in (ing.get("rejected_by_reason") or {}).items()]
     dropped += [[_td(f"curate: {k.replace('_', ' ')}"), _td(f"{v:,}", True)] for k, v in cur.get("removed", {}).items()]
     if dropped:
         tables.append(_table(["removed (stage: reason)", "files / chunks"], dropped))
-    per_generator = _read_json(run.stage_dir("generate") / "report.json").get("per_generator", {}) if run else {}
+    per_generator = _read_json(run.path(GENERATE_REPORT)).get("per_generator", {}) if run else {}
     if per_generator:
         body = [[_td(name), _td(f"{g['candidates']:,}", True), _td(f"{g['accepted']:,}", True), _td(f"{g['rate']:.0%}", True),
                  _td(", ".join(f"{k} {v}" for k, v in sorted(g["reasons"].items(), key=lambda kv: -kv[1])) or "—")]
@@ -142,8 +143,8 @@ def _samples_section(predictions: dict[str, list[dict]], models: list[str], n: i
 def _stage_files(run) -> tuple[dict, dict]:
     manifests = {s: m for s in STAGES if (m := run.manifest(s))}
     histories = {}
-    for s in ("dapt", "sft", "dpo"):
-        path = run.stage_dir(s) / "log_history.json"
+    for s in TRAIN_STAGES:
+        path = run.path(log_history(s))
         if path.is_file():
             try:
                 histories[s] = json.loads(path.read_text())
@@ -155,12 +156,12 @@ def _stage_files(run) -> tuple[dict, dict]:
 def render(run, results: dict | None = None, predictions: dict | None = None, samples: int = 4,
            extra_timings: dict | None = None) -> str:
     manifests, histories = _stage_files(run)
-    if results is None and (run.stage_dir("eval") / "results.json").is_file():
-        results = json.loads((run.stage_dir("eval") / "results.json").read_text())
+    if results is None and run.has(RESULTS):
+        results = json.loads(run.path(RESULTS).read_text())
     if predictions is None and results:
-        pred_dir = run.stage_dir("eval") / "predictions"
-        predictions = {m["name"]: read_jsonl(pred_dir / f"{m['name']}.jsonl") for m in results["models"]
-                       if (pred_dir / f"{m['name']}.jsonl").is_file()}
+        pred_dir = run.path(PREDICTIONS)
+        predictions = {m["name"]: read_jsonl(pred_dir / predictions_file(m["name"])) for m in results["models"]
+                       if (pred_dir / predictions_file(m["name"])).is_file()}
     models = [m["name"] for m in results["models"]] if results else []
     timings = {s: m.get("seconds") for s, m in manifests.items()}
     timings.update(extra_timings or {})
@@ -187,6 +188,6 @@ def render(run, results: dict | None = None, predictions: dict | None = None, sa
 
 def write_report(run, results: dict | None = None, predictions: dict | None = None, samples: int = 4,
                  extra_timings: dict | None = None) -> Path:
-    path = run.root / "report.html"
+    path = run.path(REPORT)
     atomic_write_text(path, render(run, results, predictions, samples, extra_timings))
     return path

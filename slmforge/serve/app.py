@@ -19,6 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from slmforge.artifacts import EXPORTED_MODEL, GGUF, gguf_file
 from slmforge.recipe import Recipe, ServeConfig
 from slmforge.serve.engines import LlamaCppEngine, LocalEngine, RemoteEngine
 from slmforge.serve.metrics import Metrics
@@ -229,8 +230,8 @@ def serving_model(recipe: Recipe) -> str:
     from slmforge.run import RunDir
 
     run = RunDir(recipe.run_path)
-    exported = run.stage_dir("export") / "model"
-    if run.manifest("export") and (exported / "config.json").is_file():
+    exported = run.path(EXPORTED_MODEL)
+    if run.has(EXPORTED_MODEL) and (exported / "config.json").is_file():
         return str(exported)
     trained = run.trained_models()
     return str(list(trained.values())[-1]) if trained else recipe.base_model
@@ -251,12 +252,14 @@ def serving_gguf(recipe: Recipe, spec: str | None = None) -> Path | None:
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         return path
-    folder = path.parent / "gguf"
-    if path.name != "model" or not folder.is_dir():  # only an export has model/ beside gguf/
+    from slmforge.run import RunDir
+
+    run = RunDir(recipe.run_path)
+    if path.resolve() != run.path(EXPORTED_MODEL).resolve() or not run.has(GGUF):  # only this run's export has GGUF files
         return None
     order = [recipe.serve.gguf_type] + [t for t in GGUF_PREFERENCE if t != recipe.serve.gguf_type]
-    by_type = {f.stem.rsplit("-", 1)[-1]: f for f in folder.glob("*.gguf")}  # <name>-<type>.gguf
-    return next((by_type[t] for t in order if t in by_type), None)
+    folder = run.path(GGUF)
+    return next((folder / gguf_file(recipe.name, t) for t in order if (folder / gguf_file(recipe.name, t)).is_file()), None)
 
 
 def make_engine(recipe: Recipe, name: str):

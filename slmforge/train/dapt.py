@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import math
 
-from slmforge.models import cache_root
-from slmforge.run import Stage, StageContext, atomic_write_jsonl, hash_obj, sha256_file
-from slmforge.train import common, mixture
+from slmforge.recipe import DaptConfig
+
+from slmforge.artifacts import DAPT, PRETRAIN_ROWS, TRAIN_CHUNKS
+from slmforge.models import cache_root, model_identity
+from slmforge.run import StageContext, atomic_write_jsonl, hash_obj, sha256_file
+from slmforge.train import mixture
+from slmforge.train.stage import TrainingStage, summary_rows
 
 
-class DaptStage(Stage):
-    name = "dapt"
-    version = "1"
+class DaptStage(TrainingStage):
+    name = DAPT
+    data = (TRAIN_CHUNKS,)
+    optional_data = (PRETRAIN_ROWS,)
 
-    def inputs(self, recipe, run):
-        domain = run.artifact_hash("curate", "train.jsonl")
-        _, model_key = common.start_model(recipe, run, self.name)
-        out = {"curate": domain, "model": model_key}
-        gen = run.manifest("generate")
-        if recipe.dapt.synthetic and gen and "pretrain.jsonl" in gen["outputs"]:
-            out["pretrain"] = gen["outputs"]["pretrain.jsonl"]
+    def uses_for(self, recipe):
+        return self.optional_data if recipe.dapt.synthetic else ()
+
+    def external_inputs(self, recipe, run):
+        out = super().external_inputs(recipe, run)
         if recipe.dapt.general_dataset is not None and recipe.dapt.general_dataset.is_file():
             out["general"] = sha256_file(recipe.dapt.general_dataset)
         return out
@@ -32,11 +35,12 @@ class DaptStage(Stage):
         from transformers import AutoTokenizer
 
         cfg, seed = ctx.recipe.dapt, ctx.recipe.seed
-        model_path, model_key = common.start_model(ctx.recipe, ctx.run, self.name)
+        model_path = self.start_model(ctx)
         tok = AutoTokenizer.from_pretrained(model_path)
-        domain, counts = mixture.domain_texts(ctx.run, cfg.synthetic)
+        synthetic = ctx.read(PRETRAIN_ROWS) if cfg.synthetic and ctx.run.has(PRETRAIN_ROWS) else None
+        domain, counts = mixture.domain_texts(ctx.read(TRAIN_CHUNKS), synthetic)
         if not domain:
-            raise ValueError(f"{ctx.run.stage_dir('curate') / 'train.jsonl'} holds no text to train on")
+            raise ValueError(f"{ctx.run.path(TRAIN_CHUNKS)} holds no text to train on")
         general: list[str] = []
         if cfg.domain_ratio < 1 or cfg.upsample_ratio < 1:
             if cfg.general_dataset is not None:
@@ -44,7 +48,7 @@ class DaptStage(Stage):
                 counts["general_source"] = str(cfg.general_dataset)
             else:
                 general = mixture.synthesize_replay(
-                    model_path, model_key, cache_root() / "replay", samples=cfg.replay_samples,
+                    model_path, model_identity(model_path), cache_root() / "replay", samples=cfg.replay_samples,
                     max_new_tokens=cfg.replay_max_new_tokens, temperature=cfg.replay_temperature, seed=seed)
                 counts["general_source"] = "self-synthesized"
             counts["general_texts"] = len(general)
@@ -56,26 +60,25 @@ class DaptStage(Stage):
         if not data.is_file():
             atomic_write_jsonl(data, blocks)
         counts.update(mix_counts)
-        counts.update(common.train(self.name, model=model_path, data=data, ctx=ctx, cfg=cfg, extra={}))
-        ctx.counts.update(counts)
+        self.train_on(ctx, data, counts)
 
     def summary_rows(self, counts):
-        rows = common.summary_rows(self.name, counts)
+        rows = summary_rows(self.name, counts)
         if counts:
             rows.insert(1, ("dapt: domain share (tokens)", f"{counts.get('domain_share_tokens', 1.0):.0%} "
                                                           f"(replay: {counts.get('general_source', 'none')})"))
         return rows
 
 
-def lr_schedule(cfg: dict) -> dict:
+def lr_schedule(cfg: DaptConfig) -> dict:
     """Trainer arguments for the learning-rate schedule; wsd = warmup, constant, then decay over the last `decay_ratio`."""
-    if cfg["lr_schedule"] != "wsd":
-        return {"lr_scheduler_type": cfg["lr_schedule"]}
+    if cfg.lr_schedule != "wsd":
+        return {"lr_scheduler_type": cfg.lr_schedule}
     return {"lr_scheduler_type": "warmup_stable_decay",
-            "lr_scheduler_kwargs": {"num_decay_steps": max(1, math.ceil(cfg["decay_ratio"] * cfg["max_steps"]))}}
+            "lr_scheduler_kwargs": {"num_decay_steps": max(1, math.ceil(cfg.decay_ratio * cfg.max_steps))}}
 
 
-def make_trainer(model, tok, dataset, kwargs: dict, job: dict):
+def make_trainer(model, tok, dataset, kwargs: dict, cfg: DaptConfig):
     """A transformers Trainer that keeps the block order (the mixture schedule) and packs without cross-document attention."""
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainingArguments
@@ -87,7 +90,7 @@ def make_trainer(model, tok, dataset, kwargs: dict, job: dict):
             return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
     kwargs = {**kwargs, "include_num_input_tokens_seen": "all"}  # padding-free: no pad tokens (pad id = EOS here)
-    args = TrainingArguments(**kwargs, **lr_schedule(job["config"]), remove_unused_columns=False)
+    args = TrainingArguments(**kwargs, **lr_schedule(cfg), remove_unused_columns=False)
     # padding-free: a batch is one flat sequence with position_ids restarting per document -> block-diagonal attention
     collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
     return InOrderTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tok)

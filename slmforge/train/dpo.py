@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 
-from slmforge.run import StageContext, read_jsonl
-from slmforge.train import common
+from slmforge.artifacts import DPO, DPO_ROWS
+from slmforge.recipe import DpoConfig
+from slmforge.run import StageContext
+from slmforge.train.stage import FineTuneStage
 
 
 def _turns(value, role: str) -> bool:
@@ -18,28 +20,26 @@ def valid_pair(row) -> bool:
             and _turns(row.get("rejected"), "assistant") and row["chosen"][-1]["content"] != row["rejected"][-1]["content"])
 
 
-class DpoStage(common.FineTuneStage):
-    name = "dpo"
-    version = "1"
-    source = "dpo.jsonl"
+class DpoStage(FineTuneStage):
+    name = DPO
+    data = (DPO_ROWS,)
 
     def run(self, ctx: StageContext) -> None:
         cfg = ctx.recipe.dpo
-        source = ctx.run.require("generate", self.source)
-        rows = read_jsonl(source)
+        rows = [r.model_dump(mode="json", exclude_unset=True) for r in ctx.read(DPO_ROWS)]
         good = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows if valid_pair(r)]
         if not good:
-            raise ValueError(f"{source}: no usable preference pairs (rows need conversational 'prompt', 'chosen', 'rejected')")
+            raise ValueError(f"{ctx.run.path(DPO_ROWS)}: no usable preference pairs (rows need conversational 'prompt', "
+                             "'chosen', 'rejected')")
         # Only the pairs the step budget reaches: precomputing reference log-probs for unused pairs is wasted time.
         needed = min(cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.processes, len(good))
-        self.train_on(ctx, random.Random(ctx.recipe.seed).sample(good, needed),
+        self.train_rows(ctx, random.Random(ctx.recipe.seed).sample(good, needed),
                       {"pairs": len(good), "pairs_used": needed, "skipped_rows": len(rows) - len(good)})
 
 
-def make_trainer(model, tok, dataset, kwargs: dict, job: dict):
+def make_trainer(model, tok, dataset, kwargs: dict, cfg: DpoConfig):
     from trl import DPOConfig, DPOTrainer
 
-    cfg = job["config"]
-    args = DPOConfig(**kwargs, max_length=cfg["max_length"], beta=cfg["beta"], loss_type=[cfg["loss_type"]],
-                     precompute_ref_log_probs=cfg["precompute_ref"])
+    args = DPOConfig(**kwargs, max_length=cfg.max_length, beta=cfg.beta, loss_type=[cfg.loss_type],
+                     precompute_ref_log_probs=cfg.precompute_ref)
     return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)

@@ -60,13 +60,12 @@ REPLAY_PROMPTS = [
 ]
 
 
-def domain_texts(run, synthetic: bool) -> tuple[list[str], dict]:
-    """Curated chunks (never the held-out split) plus generated rephrasings when present and wanted."""
-    texts = [r["text"] for r in read_jsonl(run.require("curate", "train.jsonl")) if r.get("text", "").strip()]
+def domain_texts(chunks, pretrain=None) -> tuple[list[str], dict]:
+    """Curated chunks (never the held-out split) plus generated rephrasings (PretrainRow) when given."""
+    texts = [c.text for c in chunks if c.text.strip()]
     counts = {"domain_chunks": len(texts), "synthetic_texts": 0}
-    pretrain = run.stage_dir("generate") / "pretrain.jsonl"
-    if synthetic and run.manifest("generate") is not None and pretrain.is_file():
-        extra = [r["text"] for r in read_jsonl(pretrain) if isinstance(r.get("text"), str) and r["text"].strip()]
+    if pretrain is not None:
+        extra = [r.text for r in pretrain if r.text.strip()]
         texts += extra
         counts["synthetic_texts"] = len(extra)
     return texts, counts

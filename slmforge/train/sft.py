@@ -5,8 +5,11 @@ from __future__ import annotations
 import random
 import re
 
-from slmforge.run import StageContext, read_jsonl
-from slmforge.train import common
+from slmforge.artifacts import SFT, SFT_ROWS
+from slmforge.recipe import SftConfig
+from slmforge.run import StageContext
+from slmforge.train.arguments import triton_lm_head
+from slmforge.train.stage import FineTuneStage
 
 ROLES = {"system", "user", "assistant"}
 
@@ -54,32 +57,30 @@ def balance_kinds(rows: list[dict], max_per_kind: int, seed: int = 0) -> list[di
     return [r for i, r in enumerate(rows) if i in keep]
 
 
-class SftStage(common.FineTuneStage):
-    name = "sft"
-    version = "1"
-    source = "sft.jsonl"
+class SftStage(FineTuneStage):
+    name = SFT
+    data = (SFT_ROWS,)
 
     def run(self, ctx: StageContext) -> None:
-        source = ctx.run.require("generate", self.source)
-        rows = read_jsonl(source)
+        rows = [r.model_dump(mode="json", exclude_unset=True) for r in ctx.read(SFT_ROWS)]
         good = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
                 for r in balance_kinds([r for r in rows if valid_conversation(r)], ctx.recipe.sft.max_per_kind, ctx.recipe.seed)]
         if not good:
-            raise ValueError(f"{source}: no usable conversations (rows need 'messages': [{{role, content}}, ...] with an assistant reply)")
-        self.train_on(ctx, good, {"conversations": len(good), "skipped_rows": len(rows) - len(good)})
+            raise ValueError(f"{ctx.run.path(SFT_ROWS)}: no usable conversations (rows need 'messages': [{{role, content}}, ...] "
+                             "with an assistant reply)")
+        self.train_rows(ctx, good, {"conversations": len(good), "skipped_rows": len(rows) - len(good)})
 
 
-def make_trainer(model, tok, dataset, kwargs: dict, job: dict):
+def make_trainer(model, tok, dataset, kwargs: dict, cfg: SftConfig):
     from trl import SFTConfig, SFTTrainer
 
-    cfg = job["config"]
-    if cfg["assistant_only_loss"]:
+    if cfg.assistant_only_loss:
         tok.chat_template = training_chat_template(tok)  # in memory only: model/ gets the base's template unchanged
-    if cfg["packing"]:
+    if cfg.packing:
         kwargs = {**kwargs, "include_num_input_tokens_seen": "all"}  # packed = padding-free: no pad tokens to skip
-    args = SFTConfig(**kwargs, max_length=cfg["max_length"], packing=cfg["packing"], packing_strategy="bfd",
-                     assistant_only_loss=cfg["assistant_only_loss"])
-    trainer_class = SFTTrainer if common.triton_lm_head() else scored_positions_trainer(SFTTrainer)
+    args = SFTConfig(**kwargs, max_length=cfg.max_length, packing=cfg.packing, packing_strategy="bfd",
+                     assistant_only_loss=cfg.assistant_only_loss)
+    trainer_class = SFTTrainer if triton_lm_head() else scored_positions_trainer(SFTTrainer)
     return trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tok)
 
 

@@ -1,0 +1,151 @@
+"""One training job: a stage's data and start model -> a Trainer -> model/ (LoRA merged), adapter/, log_history.json and
+tensorboard/ in the stage's out folder. It runs in this process, or under `accelerate launch` (DDP, or the FSDP/DeepSpeed
+config the recipe names) when `processes > 1`; both paths run the same `run_job`, whose rank 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from slmforge.artifacts import DAPT, DPO, SFT, adapter, log_history, tensorboard, trained_model
+from slmforge.models import device_defaults
+from slmforge.recipe import DaptConfig, DpoConfig, SftConfig, TrainSection
+from slmforge.run import atomic_write_json
+from slmforge.train.arguments import trainer_kwargs
+from slmforge.train.checkpoints import last_checkpoint
+from slmforge.train.loading import load_model_and_tokenizer
+from slmforge.train.progress import progress_callback
+
+SECTIONS: dict[str, type[TrainSection]] = {DAPT: DaptConfig, SFT: SftConfig, DPO: DpoConfig}
+
+
+def _trainer_factory(kind: str):
+    """make_trainer(model, tok, dataset, trainer kwargs, cfg) of each training stage."""
+    from slmforge.train import dapt, dpo, sft
+
+    return {DAPT: dapt.make_trainer, SFT: sft.make_trainer, DPO: dpo.make_trainer}[kind]
+
+
+def run_job(job: dict) -> dict:
+    """Train one stage (any rank). `job` is JSON-able (it crosses `accelerate launch`): kind, model, data, output_dir,
+    out, config (the stage's recipe section, validated again here), seed."""
+    from datasets import load_dataset
+    from transformers.trainer_callback import PrinterCallback
+
+    output_dir, out = Path(job["output_dir"]), Path(job["out"])
+    cfg = SECTIONS[job["kind"]].model_validate(job["config"])
+    model, tok = load_model_and_tokenizer(job["model"], cfg)
+    dataset = load_dataset("json", data_files=job["data"], split="train")
+    trainer = _trainer_factory(job["kind"])(model, tok, dataset, trainer_kwargs(cfg, output_dir, job["seed"]), cfg)
+    trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout; the progress callback prints a tidy line instead
+    trainer.add_callback(progress_callback(f"{job['kind']} steps"))
+    resume = last_checkpoint(output_dir)
+    resumed_from = int(Path(resume).name.split("-")[-1]) if resume else 0
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.time() - started
+    state = trainer.state
+    summary = {}
+    if trainer.is_world_process_zero():
+        save_outputs(trainer, tok, job["model"], out, cfg.method == "lora", job["kind"])
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        tokens_seen = int(state.num_input_tokens_seen)
+        session_tokens = tokens_seen - _tokens_at(state.log_history, resumed_from)
+        summary = {
+            "steps": state.global_step,
+            "resumed_from_step": resumed_from,
+            "tokens_seen": tokens_seen,
+            "final_loss": round(losses[-1], 4) if losses else None,
+            "first_loss": round(losses[0], 4) if losses else None,
+            "train_seconds": round(seconds, 1),
+            "tokens_per_s": round(session_tokens / seconds, 1) if seconds > 0 else None,
+            "processes": int(os.environ.get("WORLD_SIZE", "1")),
+            "method": cfg.method,
+            "device": device_defaults()["device"],
+            "bf16_autocast": bool(trainer.args.bf16),
+        }
+        atomic_write_json(output_dir / "result.json", summary)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def _tokens_at(log_history: list[dict], step: int) -> int:
+    """Tokens seen when the run resumed (from the last log entry at or before that step)."""
+    seen = [h["num_input_tokens_seen"] for h in log_history if "num_input_tokens_seen" in h and h.get("step", 0) <= step]
+    return int(seen[-1]) if seen and step else 0
+
+
+def train(kind: str, *, model: str, data: Path, ctx, cfg: TrainSection) -> dict:
+    """Run a training job for a stage, in process or under `accelerate launch`; return its summary counts."""
+    output_dir = ctx.scratch / "checkpoints"  # survives a kill: the rerun resumes from the last checkpoint here
+    job = {"kind": kind, "model": model, "data": str(data), "output_dir": str(output_dir), "out": str(ctx.out),
+           "config": cfg.model_dump(mode="json"), "seed": ctx.recipe.seed}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "result.json").unlink(missing_ok=True)
+    if cfg.processes == 1 and cfg.accelerate_config is None:
+        run_job(job)
+    else:
+        launch(job, cfg, output_dir)
+    return json.loads((output_dir / "result.json").read_text())
+
+
+def launch(job: dict, cfg, output_dir: Path) -> None:
+    """`accelerate launch` this job: DDP over `processes` (gloo on CPU), or the FSDP/DeepSpeed config file given."""
+    import torch
+
+    spec = output_dir / "job.json"
+    atomic_write_json(spec, job)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if cfg.accelerate_config is not None:
+        cmd += ["--config_file", str(cfg.accelerate_config)]
+    else:
+        cmd += ["--num_processes", str(cfg.processes), "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+        # --multi_gpu is accelerate's torchrun launcher; on CPU it starts the processes and gloo connects them
+        # (accelerate's --cpu path wants mpirun and a hostfile for more than one process)
+        cmd += ["--multi_gpu"] if cfg.processes > 1 else []
+    cmd += ["-m", "slmforge.train.job", str(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // cfg.processes))}
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`accelerate launch` for {job['kind']} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_outputs(trainer, tok, source: str, out: Path, lora: bool, kind: str) -> None:
+    """The stage's model (complete; LoRA merged), adapter (LoRA), log history and tensorboard events into its out folder."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if lora:
+        model.save_pretrained(out / adapter(kind).name)
+        tok.save_pretrained(out / adapter(kind).name)
+        model = model.merge_and_unload()
+    model.config.use_cache = True  # the Trainer turns the KV cache off for training; generation wants it back
+    folder = out / trained_model(kind).name
+    model.save_pretrained(folder, safe_serialization=True)
+    # the source's own tokenizer files: the chat template on disk stays the base's (training-only markers never leak)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    atomic_write_json(out / log_history(kind).name, trainer.state.log_history)
+    runs = Path(trainer.args.output_dir) / "runs"
+    if runs.is_dir():  # tensorboard event files (report_to) kept beside the model for the run report
+        shutil.copytree(runs, out / tensorboard(kind).name, dirs_exist_ok=True)
+
+
+if __name__ == "__main__":  # the entry point `accelerate launch -m slmforge.train.job job.json` runs on every rank
+    run_job(json.loads(Path(sys.argv[1]).read_text()))
