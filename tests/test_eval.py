@@ -163,12 +163,21 @@ def test_mcq_scores_agree_with_lm_eval_cli_and_by_hand(tiny_model, tmp_path):
     names, _ = write_tasks(task_dir, "slmforge_t", {"mcq": data}, {})
     ours = score_model("tiny", str(tiny_model), task_dir, "slmforge_t", ["mcq"], batch_size=4, seed=0)["scores"]["mcq"]
 
+    # the exported folder names its data relative to itself: move both folders elsewhere, run from yet another directory
+    assert str(tmp_path) not in (task_dir / "mcq.yaml").read_text() and "../benchmarks/mcq.jsonl" in (task_dir / "mcq.yaml").read_text()
+    moved = tmp_path / "moved" / "eval"
+    moved.mkdir(parents=True)
+    (tmp_path / "benchmarks").rename(moved / "benchmarks")
+    task_dir.rename(moved / "lm_eval")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
     # lm-eval's own command line on the exported task folder (offline), loading the model itself
     out = tmp_path / "cli"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_model},dtype=float32",
-                    "--device", "cpu", "--batch_size", "1", "--include_path", str(task_dir), "--tasks", names[0],
-                    "--output_path", str(out)], check=True, env=env, cwd=tmp_path, capture_output=True, timeout=600)
+                    "--device", "cpu", "--batch_size", "1", "--include_path", str(moved / "lm_eval"), "--tasks", names[0],
+                    "--output_path", str(out)], check=True, env=env, cwd=elsewhere, capture_output=True, timeout=600)
     cli = json.loads(next(out.rglob("results_*.json")).read_text())["results"][names[0]]
     assert ours["acc"]["value"] == pytest.approx(cli["acc,none"], abs=1e-9)
     assert ours["acc_norm"]["value"] == pytest.approx(cli["acc_norm,none"], abs=1e-9)
