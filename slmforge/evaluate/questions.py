@@ -257,3 +257,85 @@ def references(rows: list[dict], seed: int = 0) -> dict:
     out["word_overlap"]["description"] = "the option sharing the most content words with the question"
     out["longest_option"]["description"] = "the longest option"
     return out
+
+
+# ------------------------------------------------------------------------------------------------ decontamination
+def questions_input(recipe) -> dict:
+    """{"questions": sha256 of eval.questions} when set: part of the cache key of every stage that reads them."""
+    from slmforge.run import sha256_file
+
+    path = recipe.eval.questions
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise QuestionsError(f"eval.questions: {path}: questions file not found")
+    return {"questions": sha256_file(Path(path))}
+
+
+class QuestionGuard:
+    """Word n-grams of every question and answer (generate.verify's held-out n-gram test, same n): a training row
+    sharing one of them is dropped, and `hit` says which question it came close to."""
+
+    def __init__(self, questions: list[Question], n: int):
+        from slmforge.generate.text import ngrams
+
+        self.n, self._ngrams = n, ngrams
+        self.owner: dict[tuple, str] = {}
+        for q in questions:
+            for text in (q.question, q.answer):
+                for g in ngrams(text, n):
+                    self.owner.setdefault(g, q.id)
+
+    def hit(self, texts) -> str | None:
+        for text in texts:
+            for g in self._ngrams(text, self.n):
+                if g in self.owner:
+                    return self.owner[g]
+        return None
+
+
+def drop_question_overlap(recipe, items: list, pretrain: list[dict]) -> tuple[list, list[dict], list[dict], dict]:
+    """Training items and pretraining rows sharing a `generate.verify.heldout_ngram`-word n-gram with any of
+    eval.questions are removed: (kept items, kept pretrain rows, rejected rows, summary for the generate report)."""
+    if recipe.eval.questions is None:
+        return items, pretrain, [], {}
+    from slmforge.generate.verify import item_texts
+
+    questions = load_questions(recipe.eval.questions)
+    guard = QuestionGuard(questions, recipe.generate.verify.heldout_ngram)
+    rejected, kept_items, kept_rows, hit = [], [], [], set()
+    for item in items:
+        qid = guard.hit(item_texts(item))
+        if qid is None:
+            kept_items.append(item)
+        else:
+            hit.add(qid)
+            rejected.append({"kind": item.kind, "chunk_id": item.chunk_id, "origin": item.origin, "reason": "question_overlap",
+                             "detail": f"shares a {guard.n}-word n-gram with question {qid}",
+                             "item": item.model_dump(mode="json", exclude={"context"})})
+    for row in pretrain:
+        qid = guard.hit([row["text"]])
+        if qid is None:
+            kept_rows.append(row)
+        else:
+            hit.add(qid)
+            rejected.append({"kind": row["kind"], "chunk_id": row["chunk_id"], "origin": row["teacher"], "reason": "question_overlap",
+                             "detail": f"pretrain row shares a {guard.n}-word n-gram with question {qid}"})
+    summary = {"file": str(recipe.eval.questions), "questions": len(questions), "ngram": guard.n,
+               "items_removed": len(items) - len(kept_items), "pretrain_rows_removed": len(pretrain) - len(kept_rows),
+               "questions_hit": len(hit), "examples": rejected[:5]}
+    return kept_items, kept_rows, rejected, summary
+
+
+def training_overlap(questions: list[Question], artifacts: dict[str, Path], n: int) -> dict:
+    """How much of each question+answer occurs in the training files (the documents too: curate/train.jsonl is what
+    DAPT reads verbatim, and generate cannot remove a document). {"ngram", "indexed", "overlapping", "max", "examples"}."""
+    from slmforge.evaluate.decontaminate import NgramIndex
+
+    index = NgramIndex(n)
+    for label, path in artifacts.items():
+        index.add_jsonl(path, label)
+    shares = [(q, index.overlap(f"{q.question} {q.answer}")) for q in questions]
+    hit = sorted(((s, q) for q, s in shares if s), key=lambda t: -t[0])
+    return {"ngram": n, "indexed": index.sources, "overlapping": len(hit), "max": round(hit[0][0], 4) if hit else 0.0,
+            "examples": [{"id": q.id, "question": q.question[:160], "overlap": round(s, 4)} for s, q in hit[:5]]}
