@@ -269,6 +269,9 @@ class EvalConfig(Section):
                                    "training data is decontaminated against them")
     question_options: int = Field(4, ge=2, le=10, description="options per question (distractors = other items' answers)")
     question_option_words: int = Field(30, ge=1, description="every option is cut to this many words")
+    doc_questions: int = Field(60, ge=0, description="questions the held-out documents ask themselves (question, how-to, "
+                               "FAQ and task headings), worded unlike any training template, scored like eval.questions "
+                               "(at most; 0 = none)")
 
 
 # --------------------------------------------------------------------------------------------- export

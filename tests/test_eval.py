@@ -273,6 +273,11 @@ def test_eval_stage_freezes_benchmarks_writes_table_and_report(tiny_model, tmp_p
     assert set(results["references"]["questions"]) == {"chance", "word_overlap", "longest_option"}
     assert results["references"]["questions"]["chance"]["acc"] == pytest.approx(0.25)
     assert q["training_overlap"]["overlapping"] == 0 and q["removed_from_training"] is None
+    # questions the held-out pages ask themselves ("Creating XML Values" -> "How do I create XML values?"), same scoring
+    dq = results["benchmarks"]["doc_questions"]
+    assert dq["n"] >= 3 and "Disjoint from every training template" in dq["built"] and dq["rules"]["by_rule"]["task"] >= 3
+    assert any(r["question"] == "How do I create XML values?" for r in read_jsonl(ev / dq["file"]))
+    assert "same generator and wording as the training drills" in results["benchmarks"]["mcq"]["built"]
     # paired verdicts on every row: identical weights are never distinguishable from the base
     for bench, metrics in results["paired"]["sft"].items():
         for metric, p in metrics.items():

@@ -67,9 +67,14 @@ SPECS: dict[str, Spec] = {
                       template="Question: {{question}}\nAnswer:",
                       description="your questions (eval.questions), 4-way multiple choice, distractors = other items' "
                                   "answers (closed book)"),
+    "doc_questions": Spec("multiple_choice", ("acc_norm", "acc", "acc_norm_char", "answer_ppl"),
+                          binary=("acc_norm", "acc", "acc_norm_char"), lower_is_better=("answer_ppl",),
+                          template="Question: {{question}}\nAnswer:",
+                          description="questions the held-out documents ask or imply (question / how-to / FAQ / task "
+                                      "headings), worded unlike any training template; multiple choice, closed book"),
 }
 GENERAL = ("general_mcq", "general_ppl")
-NOT_EXPORTED = ("questions",)  # benchmarks scored outside lm-eval's task runner
+NOT_EXPORTED = ("questions", "doc_questions")  # benchmarks scored by evaluate/questions.py, outside lm-eval's task runner
 
 
 def task_name(prefix: str, bench: str) -> str:

@@ -327,15 +327,21 @@ def drop_question_overlap(recipe, items: list, pretrain: list[dict]) -> tuple[li
     return kept_items, kept_rows, rejected, summary
 
 
-def training_overlap(questions: list[Question], artifacts: dict[str, Path], n: int) -> dict:
-    """How much of each question+answer occurs in the training files (the documents too: curate/train.jsonl is what
-    DAPT reads verbatim, and generate cannot remove a document). {"ngram", "indexed", "overlapping", "max", "examples"}."""
+def training_index(artifacts: dict[str, Path], n: int):
+    """Word n-grams of every training file (evaluate/decontaminate.py's index)."""
     from slmforge.evaluate.decontaminate import NgramIndex
 
     index = NgramIndex(n)
     for label, path in artifacts.items():
         index.add_jsonl(path, label)
-    shares = [(q, index.overlap(f"{q.question} {q.answer}")) for q in questions]
-    hit = sorted(((s, q) for q, s in shares if s), key=lambda t: -t[0])
-    return {"ngram": n, "indexed": index.sources, "overlapping": len(hit), "max": round(hit[0][0], 4) if hit else 0.0,
-            "examples": [{"id": q.id, "question": q.question[:160], "overlap": round(s, 4)} for s, q in hit[:5]]}
+    return index
+
+
+def training_overlap(questions: list[Question], index) -> tuple[dict, dict[str, float]]:
+    """How much of each question+answer occurs in the training files (the documents too: curate/train.jsonl is what
+    DAPT reads verbatim, and generate cannot remove a document): ({"ngram", "indexed", "overlapping", "max",
+    "examples"}, {question id: share of its n-grams seen in training})."""
+    shares = {q.id: index.overlap(f"{q.question} {q.answer}") or 0.0 for q in questions}
+    hit = sorted(((s, q) for q in questions if (s := shares[q.id])), key=lambda t: -t[0])
+    return ({"ngram": index.n, "indexed": index.sources, "overlapping": len(hit), "max": round(hit[0][0], 4) if hit else 0.0,
+             "examples": [{"id": q.id, "question": q.question[:160], "overlap": round(s, 4)} for s, q in hit[:5]]}, shares)

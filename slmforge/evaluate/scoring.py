@@ -106,11 +106,12 @@ def summarize_questions(scored: list[dict], rows: list[dict], seed: int = 0) -> 
 
 
 def score_model(name: str, spec: str, task_dir: Path, prefix: str, benches: list[str], *, batch_size: int, seed: int,
-                chat: tuple[str, ...] = (), questions: list[dict] | None = None) -> dict:
+                chat: tuple[str, ...] = (), questions: dict[str, list[dict]] | None = None) -> dict:
     """Load one model (folder, HF id or 'default'), run every benchmark, return JSON-able scores and per-item rows.
 
     Benchmarks in `chat` are asked through the model's chat template (one more lm-eval pass on the same loaded model).
-    `questions` (rows of evaluate.questions.mcq_items) are scored on the same loaded model as the `questions` benchmark.
+    `questions` ({benchmark: rows of evaluate.questions.mcq_items}, e.g. "questions", "doc_questions") are scored on the
+    same loaded model by evaluate.questions.score_mcq.
     """
     from slmforge.models import device_defaults, load_causal_lm, load_tokenizer
 
@@ -130,11 +131,11 @@ def score_model(name: str, spec: str, task_dir: Path, prefix: str, benches: list
         task = task_name(prefix, bench)
         scores[bench], items[bench] = summarize(bench, samples[task], seed)
         engine[bench] = {k: v for k, v in engine_results[task].items() if isinstance(v, (int, float)) and "," in k}
-    if questions:
+    for bench, rows in (questions or {}).items():
         from slmforge.evaluate.questions import score_mcq
 
-        scored = score_mcq(model, tokenizer, questions, batch_size=batch_size)
-        scores["questions"], items["questions"] = summarize_questions(scored, questions, seed)
+        scored = score_mcq(model, tokenizer, rows, batch_size=batch_size)
+        scores[bench], items[bench] = summarize_questions(scored, rows, seed)
     del model
     return {"model": name, "spec": spec, "scores": scores, "items": items, "lm_eval": engine,
             "seconds": round(time.time() - started, 2)}

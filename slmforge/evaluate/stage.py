@@ -26,6 +26,16 @@ from slmforge.records import Chunk, Document, Item
 from slmforge.run import (Stage, StageContext, atomic_write_json, atomic_write_jsonl, atomic_write_text, cached_unit, hash_obj,
                           read_jsonl, sha256_file)
 
+# How each held-out benchmark is made, for the report: the first four share the training drills' generators and wording
+BUILT = {
+    "mcq": "a domain term of a held-out sentence blanked, distractors other corpus terms: the same generator and wording "
+           "as the training drills ('Which term fills the blank?'), so it also rewards the trained format",
+    "cloze": "a held-out sentence to complete ('Complete the sentence: …'): the same generator as the training cloze drills",
+    "qa": "'What is / What does X …?' asked of held-out definition and function sentences: the same generator and "
+          "template as the training QA drills",
+    "summary": "the principal sentences of a held-out passage: the same generator as the training summaries",
+    "domain_ppl": "perplexity of held-out documents, cut at paragraph boundaries",
+}
 ITEMS_VERSION = "1"  # bump when benchmark construction changes (invalidates cached benchmark sets)
 SCORING_VERSION = "1"
 
@@ -69,7 +79,7 @@ class EvalStage(Stage):
                              "so some documents are kept for evaluation")
         frozen = self._benchmarks(ctx, chunks)
         data_files, meta = self._freeze(ctx, frozen, documents)
-        questions = freeze_questions(ctx, meta)
+        questions = freeze_questions(ctx, meta, documents)
         built_s = time.time() - started
 
         prefix = safe_prefix(recipe.name)
@@ -102,7 +112,7 @@ class EvalStage(Stage):
             atomic_write_jsonl(ctx.out / "predictions" / f"{name}.jsonl", predictions[name])
         results["paired"] = paired_results(predictions, [m["name"] for m in results["models"]], recipe.seed)
         if questions:
-            results["references"] = {"questions": question_references(questions, recipe.seed)}
+            results["references"] = {b: question_references(r, recipe.seed) for b, r in questions.items()}
         results["forgetting"] = forgetting(results)
         results["seconds"] = {"benchmarks": round(built_s, 2), "total": round(time.time() - started, 2)}
         atomic_write_json(ctx.out / "results.json", results)
@@ -183,7 +193,7 @@ class EvalStage(Stage):
             if SPECS[bench].output_type == "multiple_choice":
                 chance = sum(1 / len(r.choices) for r in rows_) / len(rows_)
             meta[bench] = {"file": f"benchmarks/{path.name}", "sha256": sha256_file(path), "n": len(rows_), "chance": chance,
-                           "description": SPECS[bench].description}
+                           "description": SPECS[bench].description, "built": BUILT.get(bench, SPECS[bench].description)}
         atomic_write_json(ctx.out / "decontamination.json", {"summary": frozen["decontamination_summary"], "items": frozen["decontamination"]})
         if not data_files:
             raise ValueError("no benchmark items could be built from the held-out documents (see decontamination.json)")
@@ -197,32 +207,56 @@ class EvalStage(Stage):
         return out
 
 
-def freeze_questions(ctx: StageContext, meta: dict) -> list[dict] | None:
-    """eval.questions -> multiple-choice rows frozen into benchmarks/questions.jsonl (its sha256 joins meta, so every
-    score's cache key); None when no questions are configured."""
-    from slmforge.evaluate.questions import load_questions, mcq_items
+def _freeze_mcq(ctx: StageContext, meta: dict, bench: str, questions, extra: dict) -> list[dict]:
+    """Multiple-choice rows of `questions` frozen into benchmarks/<bench>.jsonl; its sha256 joins meta (so every
+    score's cache key)."""
+    from slmforge.evaluate.questions import mcq_items
 
     cfg = ctx.recipe.eval
-    if cfg.questions is None:
-        return None
-    questions = load_questions(cfg.questions)
     rows_ = mcq_items(questions, seed=ctx.recipe.seed, n_options=cfg.question_options, option_words=cfg.question_option_words)
-    path = ctx.out / "benchmarks" / "questions.jsonl"
+    path = ctx.out / "benchmarks" / f"{bench}.jsonl"
     atomic_write_jsonl(path, rows_)
-    overlap = training_overlap(questions, bm.training_artifacts(ctx.run), cfg.decontamination.ngram)
-    generate = ctx.run.manifest("generate")
-    removed = ((generate or {}).get("counts") or {}).get("question_overlap")
-    meta["questions"] = {
-        "file": f"benchmarks/{path.name}", "sha256": sha256_file(path), "n": len(rows_),
-        "chance": sum(1 / len(r["choices"]) for r in rows_) / len(rows_), "description": SPECS["questions"].description,
-        "source": str(cfg.questions), "sections": len({r["section"] for r in rows_}),
-        "built": (f"your file {cfg.questions.name}: {len(rows_)} questions; each scored as {cfg.question_options}-way multiple "
-                  f"choice whose distractors are other questions' answers (same section first, seeded per item id), "
-                  f"options cut to {cfg.question_option_words} words; log-likelihood of ' option' after "
-                  "'Question: …\\nAnswer:' (closed book)"),
-        "training_overlap": overlap, "removed_from_training": removed,
-    }
+    meta[bench] = {"file": f"benchmarks/{path.name}", "sha256": sha256_file(path), "n": len(rows_),
+                   "chance": sum(1 / len(r["choices"]) for r in rows_) / len(rows_), "description": SPECS[bench].description,
+                   "sections": len({r["section"] for r in rows_}), **extra}
     return rows_
+
+
+def freeze_questions(ctx: StageContext, meta: dict, documents: list[Document] = ()) -> dict[str, list[dict]]:
+    """{bench: multiple-choice rows}: eval.questions as `questions` and the held-out documents' own questions as
+    `doc_questions` (each skipped when not configured or empty), frozen beside the other benchmarks."""
+    from slmforge.evaluate import doc_questions as dq
+    from slmforge.evaluate.questions import load_questions, training_index
+
+    cfg, out = ctx.recipe.eval, {}
+    if cfg.questions is None and not cfg.doc_questions:
+        return out
+    index = training_index(bm.training_artifacts(ctx.run), cfg.decontamination.ngram)
+    scoring = (f"each scored as {cfg.question_options}-way multiple choice whose distractors are other questions' answers "
+               f"(same section first, seeded per item id), options cut to {cfg.question_option_words} words; "
+               "log-likelihood of ' option' after 'Question: …\\nAnswer:' (closed book)")
+    if cfg.questions is not None:
+        questions = load_questions(cfg.questions)
+        overlap, _ = training_overlap(questions, index)
+        generate = ctx.run.manifest("generate")
+        out["questions"] = _freeze_mcq(ctx, meta, "questions", questions, {
+            "source": str(cfg.questions), "built": f"your file {cfg.questions.name}: {len(questions)} questions; {scoring}",
+            "training_overlap": overlap,
+            "removed_from_training": ((generate or {}).get("counts") or {}).get("question_overlap")})
+    if cfg.doc_questions:
+        found, summary = dq.document_questions(list(documents))
+        _, shares = training_overlap(found, index)
+        clean = [q for q in found if shares[q.id] < cfg.decontamination.max_overlap]
+        if len(clean) < len(found):
+            summary["dropped"]["n-grams seen in training data"] = len(found) - len(clean)
+        picked = dq.spread(clean, cfg.doc_questions, ctx.recipe.seed)
+        if len({q.answer for q in picked}) >= 2:
+            out["doc_questions"] = _freeze_mcq(ctx, meta, "doc_questions", picked, {
+                "built": dq.built_text(summary, len(picked)) + f" {scoring}.", "rules": summary})
+        else:
+            console.print(f"  doc_questions: {len(picked)} question-like headings in the held-out documents: too few to "
+                          f"score (rules: {', '.join(dq.RULES)})", highlight=False)
+    return out
 
 
 def question_references(rows_: list[dict], seed: int) -> dict:
