@@ -18,13 +18,25 @@ from collections import Counter
 
 from slmforge.console import console, track
 from slmforge.evaluate import benchmarks as bm
-from slmforge.evaluate.compare import markdown_table, rich_table, rows, worse_than_base
+from slmforge.evaluate.compare import beats_base, markdown_table, paired_results, rich_table, rows, worse_than_base
 from slmforge.evaluate.decontaminate import NgramIndex
 from slmforge.evaluate.lm_eval_tasks import GENERAL, SPECS, asked_in_chat, safe_prefix, write_tasks
-from slmforge.artifacts import (BENCHMARKS, DECONTAMINATION, EVAL, HELDOUT_CHUNKS, HELDOUT_DOCUMENTS, LM_EVAL_TASKS, PREDICTIONS,
+from slmforge.artifacts import (BENCHMARKS, DECONTAMINATION, EVAL, GENERATE, HELDOUT_CHUNKS, HELDOUT_DOCUMENTS, LM_EVAL_TASKS, PREDICTIONS,
                                 RESULTS, TABLE, TRAIN_STAGES, benchmark_file, predictions_file, trained_model)
+from slmforge.evaluate.questions import questions_input, training_overlap
 from slmforge.records import Item
 from slmforge.run import Stage, StageContext, atomic_write_json, atomic_write_jsonl, cached_unit, code_hash, hash_obj, sha256_file
+
+# How each held-out benchmark is made, for the report: the first four share the training drills' generators and wording
+BUILT = {
+    "mcq": "a domain term of a held-out sentence blanked, distractors other corpus terms: the same generator and wording "
+           "as the training drills ('Which term fills the blank?'), so it also rewards the trained format",
+    "cloze": "a held-out sentence to complete ('Complete the sentence: …'): the same generator as the training cloze drills",
+    "qa": "'What is / What does X …?' asked of held-out definition and function sentences: the same generator and "
+          "template as the training QA drills",
+    "summary": "the principal sentences of a held-out passage: the same generator as the training summaries",
+    "domain_ppl": "perplexity of held-out documents, cut at paragraph boundaries",
+}
 
 
 def model_specs(recipe, run) -> dict[str, tuple[str, str]]:
@@ -49,7 +61,9 @@ class EvalStage(Stage):
     makes = (BENCHMARKS, DECONTAMINATION, LM_EVAL_TASKS, PREDICTIONS, RESULTS, TABLE)
 
     def external_inputs(self, recipe, run):
-        return {f"model:{name}": identity for name, (_, identity) in model_specs(recipe, run).items()}
+        out = {f"model:{name}": identity for name, (_, identity) in model_specs(recipe, run).items()}
+        out.update(questions_input(recipe))
+        return out
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, ctx: StageContext) -> None:
@@ -62,13 +76,14 @@ class EvalStage(Stage):
                              "so some documents are kept for evaluation")
         frozen = self._benchmarks(ctx, chunks)
         data_files, meta = self._freeze(ctx, frozen, documents)
+        questions = freeze_questions(ctx, meta, documents)
         built_s = time.time() - started
 
         prefix = safe_prefix(recipe.name)
         has_template = base_has_chat_template(recipe.base_model)
         chat = {b for b in data_files if asked_in_chat(b, cfg.chat_template, has_template)}
-        final_bench = run.path(BENCHMARKS)  # where the exported tasks find their data after publish
-        write_tasks(ctx.path(LM_EVAL_TASKS), prefix, {b: final_bench / p.name for b, p in data_files.items()}, cfg.max_new_tokens, chat)
+        # exported tasks name their data relative to their own folder (../benchmarks/...): right before and after publish
+        write_tasks(ctx.path(LM_EVAL_TASKS), prefix, data_files, cfg.max_new_tokens, chat)
         task_dir = ctx.scratch / "tasks"  # the same tasks pointing at this attempt's files, for scoring now
         write_tasks(task_dir, prefix, data_files, cfg.max_new_tokens, chat)
 
@@ -86,12 +101,15 @@ class EvalStage(Stage):
                             "seed": recipe.seed})
             console.print(f"  scoring {name} ({spec}) on {len(data_files)} benchmarks", highlight=False)
             scored = cached_unit(scores_cache, key, lambda: self._score(name, spec, task_dir, prefix, list(data_files), cfg,
-                                                                       recipe.seed, chat), stats)
+                                                                       recipe.seed, chat, questions), stats)
             results["models"].append({"name": name, "path": spec, "seconds": scored["seconds"]})
             results["scores"][name] = scored["scores"]
             results["lm_eval"][name] = scored["lm_eval"]
             predictions[name] = [{"bench": b, **row} for b, item_rows in scored["items"].items() for row in item_rows]
             atomic_write_jsonl(ctx.path(PREDICTIONS) / predictions_file(name), predictions[name])
+        results["paired"] = paired_results(predictions, [m["name"] for m in results["models"]], recipe.seed)
+        if questions:
+            results["references"] = {b: question_references(r, recipe.seed) for b, r in questions.items()}
         results["forgetting"] = forgetting(results)
         results["seconds"] = {"benchmarks": round(built_s, 2), "total": round(time.time() - started, 2)}
         ctx.write_json(RESULTS, results)
@@ -109,10 +127,11 @@ class EvalStage(Stage):
         path = write_report(run, results, predictions, cfg.samples, extra_timings={"eval": time.time() - started})
         console.print(f"  report → {path}")
 
-    def _score(self, name, spec, task_dir, prefix, benches, cfg, seed, chat) -> dict:
+    def _score(self, name, spec, task_dir, prefix, benches, cfg, seed, chat, questions=None) -> dict:
         from slmforge.evaluate.scoring import score_model
 
-        return score_model(name, spec, task_dir, prefix, benches, batch_size=cfg.batch_size, seed=seed, chat=tuple(sorted(chat)))
+        return score_model(name, spec, task_dir, prefix, benches, batch_size=cfg.batch_size, seed=seed, chat=tuple(sorted(chat)),
+                           questions=questions)
 
     # ------------------------------------------------------------------------------------------------ benchmarks
     def _benchmarks(self, ctx: StageContext, chunks: list[Chunk]) -> dict:
@@ -171,7 +190,7 @@ class EvalStage(Stage):
             if SPECS[bench].output_type == "multiple_choice":
                 chance = sum(1 / len(r.choices) for r in rows_) / len(rows_)
             meta[bench] = {"file": f"{BENCHMARKS.name}/{path.name}", "sha256": sha256_file(path), "n": len(rows_), "chance": chance,
-                           "description": SPECS[bench].description}
+                           "description": SPECS[bench].description, "built": BUILT.get(bench, SPECS[bench].description)}
         atomic_write_json(ctx.path(DECONTAMINATION), {"summary": frozen["decontamination_summary"], "items": frozen["decontamination"]})
         if not data_files:
             raise ValueError("no benchmark items could be built from the held-out documents (see decontamination.json)")
@@ -183,6 +202,70 @@ class EvalStage(Stage):
                ("models scored", ", ".join(c["models"]))]
         out += [(k, v) for k, v in c["headline"].items()]
         return out
+
+
+def _freeze_mcq(ctx: StageContext, meta: dict, bench: str, questions, extra: dict) -> list[dict]:
+    """Multiple-choice rows of `questions` frozen into benchmarks/<bench>.jsonl; its sha256 joins meta (so every
+    score's cache key)."""
+    from slmforge.evaluate.questions import mcq_items
+
+    cfg = ctx.recipe.eval
+    rows_ = mcq_items(questions, seed=ctx.recipe.seed, n_options=cfg.question_options, option_words=cfg.question_option_words)
+    path = ctx.path(BENCHMARKS) / benchmark_file(bench)
+    atomic_write_jsonl(path, rows_)
+    meta[bench] = {"file": f"{BENCHMARKS.name}/{path.name}", "sha256": sha256_file(path), "n": len(rows_),
+                   "chance": sum(1 / len(r["choices"]) for r in rows_) / len(rows_), "description": SPECS[bench].description,
+                   "sections": len({r["section"] for r in rows_}), **extra}
+    return rows_
+
+
+def freeze_questions(ctx: StageContext, meta: dict, documents: list[Document] = ()) -> dict[str, list[dict]]:
+    """{bench: multiple-choice rows}: eval.questions as `questions` and the held-out documents' own questions as
+    `doc_questions` (each skipped when not configured or empty), frozen beside the other benchmarks."""
+    from slmforge.evaluate import doc_questions as dq
+    from slmforge.evaluate.questions import load_questions, training_index
+
+    cfg, out = ctx.recipe.eval, {}
+    if cfg.questions is None and not cfg.doc_questions:
+        return out
+    index = training_index(bm.training_artifacts(ctx.run), cfg.decontamination.ngram)
+    scoring = (f"each scored as {cfg.question_options}-way multiple choice whose distractors are other questions' answers "
+               f"(same section first, seeded per item id), options cut to {cfg.question_option_words} words; "
+               "log-likelihood of ' option' after 'Question: …\\nAnswer:' (closed book)")
+    if cfg.questions is not None:
+        questions = load_questions(cfg.questions)
+        overlap, _ = training_overlap(questions, index)
+        generate = ctx.run.manifest(GENERATE)
+        out["questions"] = _freeze_mcq(ctx, meta, "questions", questions, {
+            "source": str(cfg.questions), "built": f"your file {cfg.questions.name}: {len(questions)} questions; {scoring}",
+            "training_overlap": overlap,
+            "removed_from_training": ((generate or {}).get("counts") or {}).get("question_overlap")})
+    if cfg.doc_questions:
+        found, summary = dq.document_questions(list(documents))
+        _, shares = training_overlap(found, index)
+        clean = [q for q in found if shares[q.id] < cfg.decontamination.max_overlap]
+        if len(clean) < len(found):
+            summary["dropped"]["n-grams seen in training data"] = len(found) - len(clean)
+        picked = dq.spread(clean, cfg.doc_questions, ctx.recipe.seed)
+        if len({q.answer for q in picked}) >= 2:
+            out["doc_questions"] = _freeze_mcq(ctx, meta, "doc_questions", picked, {
+                "built": dq.built_text(summary, len(picked)) + f" {scoring}.", "rules": summary})
+        else:
+            console.print(f"  doc_questions: {len(picked)} question-like headings in the held-out documents: too few to "
+                          f"score (rules: {', '.join(dq.RULES)})", highlight=False)
+    return out
+
+
+def question_references(rows_: list[dict], seed: int) -> dict:
+    """{name: {acc, ci, n, description}}: answers picked with no model (chance, word overlap, longest option)."""
+    from slmforge.evaluate.metrics import wilson_ci
+    from slmforge.evaluate.questions import references
+
+    out = {}
+    for name, ref in references(rows_, seed).items():
+        ci = wilson_ci(ref["acc"] * len(rows_), len(rows_))
+        out[name] = {"acc": ref["acc"], "ci": list(ci), "n": len(rows_), "description": ref["description"]}
+    return out
 
 
 def base_has_chat_template(spec: str) -> bool:
@@ -216,7 +299,7 @@ def headline(results: dict) -> dict[str, str]:
             continue
         parts = []
         for m, cell in r["cells"].items():
-            flag = " (worse)" if worse_than_base(r, m) else ""
+            flag = " (worse)" if worse_than_base(r, m) else " (beats)" if beats_base(r, m) else ""
             parts.append(f"{m} {cell['value']:.3g}{flag}")
         out[f"{r['bench']} {r['metric']}"] = " · ".join(parts)
     return out
