@@ -55,13 +55,14 @@ def run_server(args) -> None:
     from slmforge.models import load_causal_lm, load_tokenizer
     from slmforge.recipe import ServeConfig
     from slmforge.serve.app import create_app
-    from slmforge.serve.engines import LocalEngine, RemoteEngine
+    from slmforge.lm.hf import TransformersLM
+from slmforge.lm.http import OpenAILM
 
     if args.role == "backend":
         model, tok = tiny_model(None) if args.model == "tiny" else (load_causal_lm(args.model), load_tokenizer(args.model))
-        app = create_app(LocalEngine(model, tok, "backend"), ServeConfig())
+        app = create_app(TransformersLM(model, tok, "backend"), ServeConfig())
     else:
-        app = create_app(RemoteEngine(args.backend_url, "backend", name="router"), ServeConfig(), model_name="router")
+        app = create_app(OpenAILM(args.backend_url, "backend", name="router"), ServeConfig(), model_name="router")
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
