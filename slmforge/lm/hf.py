@@ -282,6 +282,10 @@ class BatchScheduler:
         self.thread: threading.Thread | None = None
         self.active: list[_Job] = []
         self.cache = self.mask = self.last = self.pos = None
+        import inspect
+
+        params = inspect.signature(lm.model.forward).parameters  # transformers 5.2x renames past_key_values to cache
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.steps = 0  # decode steps run (a test reads it to see that requests shared steps)
         self.peak_batch = 0
 
@@ -402,8 +406,8 @@ class BatchScheduler:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() derives positions from a left-padded mask
         cache = DynamicCache()
         with torch.inference_mode():
-            out = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
+            out = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                        **{self.cache_kw: cache})
         logits = out.logits[:, -1, :].float()
         keep, tokens = [], []
         for row, job in enumerate(jobs):
@@ -450,8 +454,8 @@ class BatchScheduler:
         model = self.lm.model
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
         with torch.inference_mode():
-            out = model(input_ids=self.last[:, None], attention_mask=mask, position_ids=self.pos[:, None],
-                        past_key_values=self.cache, use_cache=True)
+            out = model(input_ids=self.last[:, None], attention_mask=mask, position_ids=self.pos[:, None], use_cache=True,
+                        **{self.cache_kw: self.cache})
         self.steps += 1
         logits = out.logits[:, -1, :].float()
         keep, tokens = [], []
