@@ -153,3 +153,43 @@ def test_identity_is_the_weights_content_not_the_path(tmp_path, lm):
     assert weights_hash(folder) != before
     ident = json.dumps(lm.identity())
     assert lm.path not in ident and len(lm.identity()["weights"]) == 64
+
+
+def test_http_client_retries_transient_failures_and_keeps_the_key_to_itself():
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, Response
+
+    from slmforge.lm import LMError
+    from slmforge.lm.http import OpenAILM
+    from test_serve import running
+
+    seen = []
+    script = {"flaky": ["500", "malformed", "ok"], "bad": ["400"]}
+
+    async def chat(request):
+        body = await request.json()
+        kind = body["messages"][0]["content"]
+        seen.append((kind, request.headers.get("authorization")))
+        step = script[kind][min(len(script[kind]) - 1, sum(k == kind for k, _ in seen) - 1)]
+        if step == "500":
+            return JSONResponse({"error": "injected"}, status_code=500)
+        if step == "400":
+            return JSONResponse({"error": "bad request"}, status_code=400)
+        if step == "malformed":
+            return Response('{"choices": [{"message": {"content": "cut', media_type="application/json")
+        return JSONResponse({"model": "m", "choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}]})
+
+    app = Starlette()
+    app.add_route("/v1/chat/completions", chat, methods=["POST"])
+
+    with running(app) as url:
+        lm = OpenAILM(url, "m", "sk-SECRET-42", max_retries=3, backoff_s=0.01)
+        flaky, bad = lm.generate([Request(messages=[{"role": "user", "content": k}]) for k in ("flaky", "bad")])
+        assert flaky.text == "fine" and sum(k == "flaky" for k, _ in seen) == 3  # 500, malformed, then the answer
+        assert isinstance(bad, LMError) and bad.status == 400 and sum(k == "bad" for k, _ in seen) == 1  # not retried
+        seen.clear()
+        once = OpenAILM(url, "m", "sk-SECRET-42", max_retries=1, backoff_s=0.01).generate(
+            [Request(messages=[{"role": "user", "content": "flaky"}])])[0]
+        assert isinstance(once, LMError) and once.status == 502 and "after 2 attempts" in once.message
+    assert {auth for _, auth in seen} == {"Bearer sk-SECRET-42"}
+    assert "SECRET" not in repr(lm) + repr(lm.client) + json.dumps(lm.identity()) + bad.message + once.message

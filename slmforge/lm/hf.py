@@ -232,10 +232,10 @@ class TransformersLM(LM):
         ids = self.encode(req)
         return await self.scheduler.submit(req, ids)
 
-    async def stream(self, req: Request) -> AsyncIterator[str | Result]:
+    def stream(self, req: Request) -> AsyncIterator[str | Result]:
+        # the stream itself is returned (not re-yielded), so closing it on a client disconnect cancels the row at once
         ids = self.encode(req)
-        async for item in stream_from_thread(lambda on_text, cancel: self.scheduler.submit(req, ids, on_text, cancel), req.stop):
-            yield item
+        return stream_from_thread(lambda on_text, cancel: self.scheduler.submit(req, ids, on_text, cancel), req.stop)
 
     def answer(self, req: Request) -> Result:
         """One request, synchronously, through the offline path (callers without an event loop)."""
@@ -380,7 +380,7 @@ class BatchScheduler:
 
     def _after_token(self, job: _Job) -> bool:
         """Stream the new text; True when the job is finished (end of generation, stop string, max_tokens, cancelled)."""
-        if job.cancel.is_set():  # the client went away: its row leaves the batch (nobody reads this partial result)
+        if job.cancel.is_set() or job.future.cancelled():  # the client went away: its row leaves the batch (nobody reads this partial result)
             job.resolve(self.lm.finish(job.req, job.ids, job.new, job.logprobs))
             return True
         ended = job.new[-1] in self.lm.eos

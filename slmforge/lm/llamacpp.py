@@ -148,7 +148,7 @@ class LlamaCppLM(LM):
             if on_text is not None and len(text) > sent:
                 on_text(text[sent:])
                 sent = len(text)
-            if len(new) >= req.max_tokens or (cancel is not None and cancel.is_set()):
+            if len(new) >= req.max_tokens or (cancel is not None and cancel.is_set()):  # cancel: the client went away
                 break
         text, _ = cut_at_stop(data.decode("utf-8", errors="replace"), req.stop)
         return Result(text=text, model=self.name, prompt_tokens=len(ids), completion_tokens=len(new), finish_reason=finish,
@@ -190,7 +190,6 @@ class LlamaCppLM(LM):
     async def complete(self, req: Request) -> Result:
         return await self._submit(req, self.encode(req))
 
-    async def stream(self, req: Request) -> AsyncIterator[str | Result]:
+    def stream(self, req: Request) -> AsyncIterator[str | Result]:
         ids = self.encode(req)
-        async for item in stream_from_thread(lambda on_text, cancel: self._submit(req, ids, on_text, cancel), req.stop):
-            yield item
+        return stream_from_thread(lambda on_text, cancel: self._submit(req, ids, on_text, cancel), req.stop)
