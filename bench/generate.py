@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 from slmforge.generate import make_items  # noqa: E402
 from slmforge.generate.stage import acceptance  # noqa: E402
-from slmforge.generate.teachers import TransformersTeacher  # noqa: E402
+from slmforge.generate.teachers import teacher_request  # noqa: E402
+from slmforge.lm.hf import TransformersLM  # noqa: E402
 from slmforge.generate.writers import plan_units  # noqa: E402
 from slmforge.recipe import GenerateConfig  # noqa: E402
 from slmforge.records import Chunk  # noqa: E402
@@ -40,17 +41,17 @@ def main() -> None:
     cfg = GenerateConfig(max_passage_words=120, max_chunks=args.chunks,
                          teacher={"max_new_tokens": args.max_new_tokens, "batch_size": args.n})
     step = max(1, len(train) // args.n)
-    requests = [u.request for u in plan_units(train[::step][: args.n], {"qa"}, cfg, seed=0)]
+    requests = [teacher_request(u.request) for u in plan_units(train[::step][: args.n], {"qa"}, cfg, seed=0)]
 
     t0 = time.time()
-    teacher = TransformersTeacher("default", batch_size=args.n)
+    teacher = TransformersLM.load("default", name="transformers:SmolLM2-135M-Instruct", batch_hint=args.n)
     load_s = time.time() - t0
-    teacher.complete(requests[:1])  # warm-up
+    teacher.generate(requests[:1])  # warm-up
     t0 = time.time()
-    sequential = [teacher.complete([r])[0] for r in requests]
+    sequential = [teacher.generate([r])[0].text for r in requests]
     seq_s = time.time() - t0
     t0 = time.time()
-    batched = teacher.complete(requests)
+    batched = [r.text for r in teacher.generate(requests)]
     bat_s = time.time() - t0
     same = sum(a == b for a, b in zip(sequential, batched))
     print(f"{len(requests)} requests x {args.max_new_tokens} new tokens: sequential {seq_s:.1f}s, batched {bat_s:.1f}s "

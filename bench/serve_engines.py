@@ -54,18 +54,19 @@ def main() -> None:
     args = ap.parse_args()
 
     from slmforge.models import cpu_threads, load_causal_lm, load_tokenizer
-    from slmforge.serve.engines import LlamaCppEngine, LocalEngine
+    from slmforge.lm.hf import TransformersLM
+    from slmforge.lm.llamacpp import LlamaCppLM
 
     export = Path(args.run) / "export"
     hf = args.hf or str(export / "model")
     ggufs = [Path(p) for p in args.gguf] if args.gguf is not None else sorted((export / "gguf").glob("*.gguf"))
     if not ggufs:
         sys.exit(f"no GGUF files: pass --gguf or build the demo with export first ({export / 'gguf'})")
-    engines = {"transformers": LocalEngine(load_causal_lm(hf), load_tokenizer(hf), "transformers")}
+    engines = {"transformers": TransformersLM(load_causal_lm(hf), load_tokenizer(hf), "transformers")}
     for path in ggufs:
-        engines[f"llama.cpp {path.stem.rsplit('-', 1)[-1]}"] = LlamaCppEngine(path, path.name, n_ctx=1024)
+        engines[f"llama.cpp {path.stem.rsplit('-', 1)[-1]}"] = LlamaCppLM(path, path.name, n_ctx=1024)
     if args.base:
-        engines["base (transformers)"] = LocalEngine(load_causal_lm(args.base), load_tokenizer(args.base), "base")
+        engines["base (transformers)"] = TransformersLM(load_causal_lm(args.base), load_tokenizer(args.base), "base")
     from slmforge.evaluate import metrics
 
     items = workload(Path(args.run), {"qa": args.qa_tokens, "summary": args.summary_tokens})

@@ -339,6 +339,8 @@ class ServeConfig(Section):
     default_max_tokens: int = Field(256, ge=1, description="when a request gives no max_tokens")
     temperature: float = Field(0.0, ge=0, le=2, description="when a request gives no temperature (0 = greedy)")
     timeout_s: float = Field(120.0, gt=0, description="timeout of calls to the backend and the fallback")
+    max_batch: int = Field(32, ge=1, description="transformers engine: requests decoded together as one batch")
+    max_queue: int = Field(64, ge=1, description="requests that may wait for the in-process engine; more get 503 + Retry-After")
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
 
     @model_validator(mode="after")

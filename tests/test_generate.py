@@ -9,7 +9,8 @@ import pytest
 
 from slmforge.generate import make_items, make_teacher
 from slmforge.generate.extractive import TermIndex, extractive_items
-from slmforge.generate.teachers import Teacher, TeacherError, generate_cached
+from slmforge.generate.teachers import teacher_request
+from slmforge.lm import LM, CachingLM, LMError, Request, Result
 from slmforge.generate.text import ngrams, sentences
 from slmforge.generate.verify import Verifier, item_texts
 from slmforge.recipe import GenerateConfig, GenerateVerifyConfig, build_recipe
@@ -161,8 +162,8 @@ def test_make_items_without_teacher_never_overlaps_heldout(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ teachers
-class CountingTeacher(Teacher):
-    """A plumbing double for the cache (the real teachers are tested below and in test_generate_http.py)."""
+class CountingLM(LM):
+    """A plumbing double for the cache (the real backends are tested below, in test_lm.py and test_generate_http.py)."""
 
     name = "counting"
     batch_hint = 3
@@ -173,20 +174,21 @@ class CountingTeacher(Teacher):
     def identity(self):
         return {"backend": "counting"}
 
-    def complete(self, requests):
+    def generate(self, requests):
         self.calls += len(requests)
-        return [TeacherError("boom") if r["messages"][0]["content"] in self.fail else r["messages"][0]["content"].upper()
+        return [LMError(502, "boom") if r.messages[0]["content"] in self.fail else Result(r.messages[0]["content"].upper())
                 for r in requests]
 
 
-def test_generate_cached_pays_once_and_retries_only_failures(tmp_path):
-    reqs = [{"messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 4} for i in range(7)] * 2  # duplicates
-    t = CountingTeacher(fail={"q3"})
-    out = generate_cached(t, reqs, tmp_path)
-    assert t.calls == 7 and out[0] == "Q0" and isinstance(out[3], TeacherError) and out[7] == "Q0"
-    t2 = CountingTeacher()
-    out2 = generate_cached(t2, reqs, tmp_path)
-    assert t2.calls == 1 and out2[3] == "Q3"  # only the failed request went out again
+def test_caching_lm_pays_once_and_retries_only_failures(tmp_path):
+    reqs = [Request(messages=[{"role": "user", "content": f"q{i}"}], max_tokens=4) for i in range(7)] * 2  # duplicates
+    t = CountingLM(fail={"q3"})
+    out = CachingLM(t, tmp_path).generate(reqs)
+    assert t.calls == 7 and out[0].text == "Q0" and isinstance(out[3], LMError) and out[7].text == "Q0"
+    t2 = CountingLM()
+    out2 = CachingLM(t2, tmp_path).generate(reqs)
+    assert t2.calls == 1 and out2[3].text == "Q3"  # only the failed request went out again
+    assert CountingLM().identity() == t.identity() and CachingLM(CountingLM(), tmp_path).generate(reqs[:1])[0].text == "Q0"
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +215,9 @@ def test_transformers_teacher_batches_and_matches_sequential(tiny_model):
     teacher = make_teacher(cfg, "default")
     reqs = [{"messages": [{"role": "user", "content": "Explain bytea " * (1 + i)}], "max_tokens": 6, "temperature": 0.0, "seed": 0}
             for i in range(4)]
-    batched = teacher.complete(reqs)
-    sequential = [teacher.complete([r])[0] for r in reqs]
+    reqs = [teacher_request(r) for r in reqs]
+    batched = [r.text for r in teacher.generate(reqs)]
+    sequential = [teacher.generate([r])[0].text for r in reqs]
     assert len(batched) == 4 and all(isinstance(t, str) and t for t in batched)
     assert batched == sequential  # left padding: a row's greedy output does not depend on its batch mates
 
@@ -233,7 +236,7 @@ def _fake_run(tmp_path: Path, n_train: int, extra_heldout: list[Chunk]) -> Path:
 
 def test_generate_stage_end_to_end_with_tiny_teacher(tmp_path, tiny_model, monkeypatch):
     from slmforge.generate.stage import GenerateStage
-    from slmforge.generate.teachers import TransformersTeacher
+    from slmforge.lm.hf import TransformersLM
 
     train = _chunks(demo_curate() / "train.jsonl", 40)
     leak = " ".join(s for s in sentences(train[1].text) if len(s.split()) >= 14)
@@ -243,8 +246,8 @@ def test_generate_stage_end_to_end_with_tiny_teacher(tmp_path, tiny_model, monke
                          "teacher": {"model": str(tiny_model), "max_new_tokens": 8, "batch_size": 4, "api_key": "sk-SECRET-123"}}}
     recipe = build_recipe(data)
     calls = []
-    real = TransformersTeacher.complete
-    monkeypatch.setattr(TransformersTeacher, "complete", lambda self, reqs: calls.append(len(reqs)) or real(self, reqs))
+    real = TransformersLM.generate
+    monkeypatch.setattr(TransformersLM, "generate", lambda self, reqs: calls.append(len(reqs)) or real(self, reqs))
     run = RunDir(recipe.run_path)
     outcome = run.execute(GenerateStage(), recipe)
     out = run.stage_dir("generate")

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from slmforge.models import default_gguf
-from slmforge.recipe import ServeConfig, build_recipe
+from slmforge.recipe import GenerateConfig, ServeConfig, build_recipe
 from slmforge.run import RunDir, atomic_write_json
 from slmforge.serve import app as serve_app
 from slmforge.serve.app import ServeError, create_app, serving_gguf
@@ -62,9 +62,9 @@ def test_llamacpp_engine_without_a_gguf_or_the_package_is_a_clear_error(tmp_path
 # ------------------------------------------------------------------------------------------ with llama.cpp
 @pytest.fixture(scope="module")
 def llama_server():
-    from slmforge.serve.engines import LlamaCppEngine
+    from slmforge.lm.llamacpp import LlamaCppLM
 
-    engine = LlamaCppEngine(default_gguf(), "smollm2-llamacpp", n_ctx=512)
+    engine = LlamaCppLM(default_gguf(), "smollm2-llamacpp", n_ctx=512)
     with running(create_app(engine, ServeConfig(max_tokens=1024, default_max_tokens=32))) as url:
         yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0), engine
 
@@ -109,10 +109,11 @@ def test_llamacpp_json_schema_output_is_valid(llama_server):
 
 @needs_llama_cpp
 def test_llamacpp_teacher_answers_chat_requests():
-    from slmforge.generate.teachers import LlamaCppTeacher
+    from slmforge.generate import make_teacher, teacher_request
 
-    teacher = LlamaCppTeacher(default_gguf(), n_ctx=512)
-    out = teacher.complete([{"messages": HELLO, "max_tokens": 16}, {"messages": [{"role": "user", "content": "Say hi."}],
-                                                                     "max_tokens": 8}])
+    teacher = make_teacher(GenerateConfig(teacher={"backend": "llamacpp", "model": "default"}), "default")
+    reqs = [teacher_request(r) for r in ({"messages": HELLO, "max_tokens": 16},
+                                         {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8})]
+    out = [r.text for r in teacher.generate(reqs)]
     assert len(out) == 2 and all(isinstance(o, str) and o for o in out)
-    assert teacher.complete([{"messages": HELLO, "max_tokens": 16}]) == out[:1]  # greedy: reproducible
+    assert [r.text for r in teacher.generate(reqs[:1])] == out[:1]  # greedy: reproducible

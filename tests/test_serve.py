@@ -17,7 +17,8 @@ import pytest
 
 from slmforge.recipe import RoutingConfig, ServeConfig
 from slmforge.serve.app import create_app
-from slmforge.serve.engines import LocalEngine, RemoteEngine
+from slmforge.lm.hf import TransformersLM
+from slmforge.lm.http import OpenAILM
 from slmforge.serve.protocol import GenRequest, Generation
 from slmforge.serve.router import Router
 from slmforge.serve.metrics import Metrics
@@ -55,7 +56,7 @@ def tiny_engine(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tiny_model_folder(tmp_path_factory.mktemp("serve") / "tiny")
-    return LocalEngine(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), "tiny-specialist")
+    return TransformersLM(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), "tiny-specialist")
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +65,14 @@ def unsure_engine(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tiny_model_folder(tmp_path_factory.mktemp("serve") / "unsure", seed=2, sharpen=False)
-    return LocalEngine(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), "unsure-specialist")
+    return TransformersLM(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), "unsure-specialist")
 
 
 @pytest.fixture(scope="module")
 def real_engine():
     from slmforge.models import load_causal_lm, load_tokenizer
 
-    return LocalEngine(load_causal_lm("default"), load_tokenizer("default"), "smollm2-135m")
+    return TransformersLM(load_causal_lm("default"), load_tokenizer("default"), "smollm2-135m")
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,7 @@ def test_small_first_routing_falls_back_when_unsure_and_stays_local_when_sure(ti
     fallback_app = create_app(tiny_engine, ServeConfig(), model_name="fallback-large")
     with running(fallback_app) as fb_url:
         routing = RoutingConfig(fallback_url=fb_url, fallback_model="fallback-large", threshold=-3.0)
-        fallback = RemoteEngine(fb_url, "fallback-large")
+        fallback = OpenAILM(fb_url, "fallback-large")
 
         # A random tiny model is unsure of everything (mean log-prob ~ -10): the fallback answers.
         unsure = create_app(unsure_engine, ServeConfig(routing=routing), fallback=fallback)
@@ -213,7 +214,7 @@ def test_small_first_routing_falls_back_when_unsure_and_stays_local_when_sure(ti
             assert 'slmforge_requests_total{endpoint="chat",status="200"} 2.0' in fb_metrics  # it really went there
 
         # The real model on an easy question is sure of itself (mean log-prob ~ -0.3): it answers locally.
-        sure = create_app(real_engine, ServeConfig(routing=routing), fallback=RemoteEngine(fb_url, "fallback-large"))
+        sure = create_app(real_engine, ServeConfig(routing=routing), fallback=OpenAILM(fb_url, "fallback-large"))
         with running(sure) as url:
             r = openai.OpenAI(base_url=url, api_key="unused").chat.completions.create(
                 model="x", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8)
@@ -238,7 +239,7 @@ def test_unreachable_fallback_keeps_the_specialist_answer(unsure_engine):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # bound, never listening: connection refused
         routing = RoutingConfig(fallback_url=dead, threshold=-3.0)
-        app = create_app(unsure_engine, ServeConfig(routing=routing), fallback=RemoteEngine(dead, "gone", timeout_s=5))
+        app = create_app(unsure_engine, ServeConfig(routing=routing), fallback=OpenAILM(dead, "gone", timeout_s=5))
         with running(app) as url:
             r = openai.OpenAI(base_url=url, api_key="unused").chat.completions.create(model="x", messages=HELLO, max_tokens=4)
             assert r.model == "unsure-specialist", r.model_extra
@@ -267,7 +268,7 @@ def test_invalid_schema_output_is_routed_to_the_fallback():
 def test_router_mode_in_front_of_an_openai_compatible_backend(tiny_server):
     backend_url, _ = tiny_server
     cfg = ServeConfig()
-    app = create_app(RemoteEngine(backend_url, "tiny-specialist", api_key=KEY, name="routed"), cfg)
+    app = create_app(OpenAILM(backend_url, "tiny-specialist", api_key=KEY, name="routed"), cfg)
     with running(app) as url:
         client = openai.OpenAI(base_url=url, api_key="unused")
         direct = openai.OpenAI(base_url=backend_url, api_key=KEY).chat.completions.create(model="x", messages=HELLO, max_tokens=8)

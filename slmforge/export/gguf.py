@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import itertools
 import os
 import shutil
 import subprocess
@@ -157,17 +156,13 @@ def chat_inputs(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 
 def greedy(model, inputs: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations (token ids) of each prompt; the same ids go to both models, so tokenizers cannot differ."""
-    import torch
+    """Greedy continuations (token ids) of each prompt; the same ids go to both models, so tokenizers cannot differ.
+    One prompt at a time (no padding), through slmforge.lm like every other caller of a model."""
+    from slmforge.lm import Request
+    from slmforge.lm.hf import TransformersLM
 
-    outs = []
-    with torch.no_grad():
-        for ids in inputs:
-            x = torch.tensor([ids])
-            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=model.config.eos_token_id)
-            outs.append(y[0, len(ids):].tolist())
-    return outs
+    lm = TransformersLM(model, None, "export-check", path="")
+    return [lm.answer(Request(prompt_ids=ids, max_tokens=max_new_tokens, logprobs=False)).token_ids for ids in inputs]
 
 
 def load_gguf(path: Path):
@@ -183,9 +178,11 @@ def greedy_llama_cpp(path: Path, inputs: list[list[int]], max_new_tokens: int) -
     installed. Same prompt ids as greedy(); like transformers, an end-of-generation token is kept and ends the answer."""
     if importlib.util.find_spec("llama_cpp") is None:
         return None
-    from slmforge.serve.engines import llama_steps, open_llama  # the engine `slmforge serve` runs GGUF files with
+    from slmforge.lm import Request
+    from slmforge.lm.llamacpp import LlamaCppLM  # the backend `slmforge serve` runs GGUF files with
 
-    llm = open_llama(path, n_ctx=max(map(len, inputs)) + max_new_tokens + 8)
-    outs = [[token for token, _, _ in itertools.islice(llama_steps(llm, ids), max_new_tokens)] for ids in inputs]
-    llm.close()
-    return outs
+    lm = LlamaCppLM(path, path.name, n_ctx=max(map(len, inputs)) + max_new_tokens + 8)
+    try:
+        return [lm.answer(Request(prompt_ids=ids, max_tokens=max_new_tokens)).token_ids for ids in inputs]
+    finally:
+        lm.close()

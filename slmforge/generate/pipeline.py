@@ -14,8 +14,9 @@ from typing import Iterable
 
 from slmforge.console import track
 from slmforge.generate.extractive import TermIndex, extractive_items
-from slmforge.generate.teachers import Teacher, TeacherError, generate_cached
+from slmforge.generate.teachers import teacher_request
 from slmforge.generate.verify import Verifier
+from slmforge.lm import LM, CachingLM, LMError
 from slmforge.generate.writers import Unit, parse_reply, plan_units, preference_unit
 from slmforge.recipe import GenerateConfig
 from slmforge.records import Chunk, Item
@@ -43,7 +44,7 @@ def teacher_chunks(chunks: list[Chunk], max_chunks: int, seed: int) -> list[Chun
     return [chunks[i] for i in picked]
 
 
-def make_items(chunks: list[Chunk], kinds: Iterable[str], cfg: GenerateConfig, *, teacher: Teacher | None = None,
+def make_items(chunks: list[Chunk], kinds: Iterable[str], cfg: GenerateConfig, *, teacher: LM | None = None,
                cache_dir: Path, seed: int, avoid_texts: Iterable[str] = ()) -> tuple[list[Item], list[dict]]:
     """(accepted items, rejected rows with "reason") for `kinds` over `chunks`.
 
@@ -87,11 +88,12 @@ def make_items(chunks: list[Chunk], kinds: Iterable[str], cfg: GenerateConfig, *
     qa_items: list[Item] = []
 
     def run_units(batch: list[Unit], description: str) -> None:
-        replies = generate_cached(teacher, [u.request for u in batch], cache_dir, description)
-        for unit, reply in zip(batch, replies):
-            if isinstance(reply, TeacherError):
-                rejected.append(_rejected_row(unit.kind, unit.chunk.id, teacher.name, "teacher_error", detail=str(reply), unit=unit.key))
+        results = CachingLM(teacher, cache_dir).generate([teacher_request(u.request) for u in batch], description)
+        for unit, result in zip(batch, results):
+            if isinstance(result, LMError):
+                rejected.append(_rejected_row(unit.kind, unit.chunk.id, teacher.name, "teacher_error", detail=str(result), unit=unit.key))
                 continue
+            reply = result.text.strip()
             item = parse_reply(unit, reply, teacher.name)
             if isinstance(item, str):
                 rejected.append(_rejected_row(unit.kind, unit.chunk.id, teacher.name, item.split(":")[0], detail=f"{item}; reply: {reply}", unit=unit.key))

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from slmforge.artifacts import EXPORTED_MODEL, GGUF, gguf_file
 from slmforge.recipe import Recipe, ServeConfig
-from slmforge.serve.engines import LlamaCppEngine, LocalEngine, RemoteEngine
+from slmforge.lm.http import OpenAILM
 from slmforge.serve.metrics import Metrics
 from slmforge.serve.protocol import (
     APIError, ChatRequest, CompletionRequest, GenRequest, Generation, chat_chunk, chat_response, completion_chunk,
@@ -100,7 +100,7 @@ def _gen_request(body: ChatRequest | CompletionRequest, cfg: ServeConfig) -> Gen
 
 
 def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
-    """An app serving `specialist` (LocalEngine or RemoteEngine), falling back to `fallback` (RemoteEngine or None)."""
+    """An app serving `specialist` (any slmforge.lm backend), falling back to `fallback` (an OpenAILM or None)."""
     name = model_name or specialist.name
     metrics = Metrics()
     router = Router(specialist, fallback, cfg.routing, metrics, name)
@@ -116,9 +116,13 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
         if not given or not hmac.compare_digest(given.encode(), api_key.encode()):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
+    def error_response(err: APIError) -> JSONResponse:
+        headers = {"retry-after": str(int(err.retry_after))} if err.retry_after is not None else None  # 503 queue full
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return error_response(err)
 
     @app.get("/health")
     async def health():
@@ -163,7 +167,7 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
                                 headers={"x-slmforge-answered-by": routed.route["answered_by"], "x-slmforge-route": routed.route["route"]})
         except APIError as err:
             status = err.status
-            return JSONResponse(err.body(), status_code=err.status)
+            return error_response(err)
         finally:
             if not streaming:
                 metrics.observe_request(kind, status, time.perf_counter() - started)
@@ -217,9 +221,7 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
 
 # ------------------------------------------------------------------------------------------ from a recipe
 def describe(engine) -> str:
-    if isinstance(engine, RemoteEngine):
-        return engine.base_url
-    return f"llama.cpp in process ({Path(engine.path).name})" if isinstance(engine, LlamaCppEngine) else "transformers in process"
+    return engine.describe()
 
 
 def serving_model(recipe: Recipe) -> str:
@@ -268,7 +270,7 @@ def make_engine(recipe: Recipe, name: str):
 
     cfg = recipe.serve
     if cfg.backend_url:
-        return RemoteEngine(cfg.backend_url, cfg.backend_model or name, _env(cfg.backend_api_key_env), cfg.timeout_s, name=name)
+        return remote(cfg.backend_url, cfg.backend_model or name, _env(cfg.backend_api_key_env), cfg.timeout_s, name=name)
     spec = serving_model(recipe)
     gguf = serving_gguf(recipe, spec) if cfg.engine != "transformers" else None
     have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
@@ -280,11 +282,18 @@ def make_engine(recipe: Recipe, name: str):
     if gguf is not None and have_llama_cpp:
         if not gguf.is_file():
             raise ServeError(f"serve.model: GGUF file not found: {gguf}")
-        return LlamaCppEngine(gguf, name, n_ctx=cfg.context)
-    from slmforge.models import load_causal_lm, load_tokenizer
+        from slmforge.lm.llamacpp import LlamaCppLM
+
+        return LlamaCppLM(gguf, name, n_ctx=cfg.context, max_queue=cfg.max_queue)
+    from slmforge.lm.hf import TransformersLM
 
     device = None if cfg.device == "auto" else cfg.device
-    return LocalEngine(load_causal_lm(spec, device=device), load_tokenizer(spec), name)
+    return TransformersLM.load(spec, device=device, name=name, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
+
+
+def remote(base_url: str, model: str, api_key: str | None, timeout_s: float, name: str) -> OpenAILM:
+    """A backend or fallback server: one quick retry on a transient failure (a client is waiting)."""
+    return OpenAILM(base_url, model, api_key, timeout_s=timeout_s, max_retries=1, backoff_s=0.2, name=name)
 
 
 class ServeError(RuntimeError):
@@ -300,8 +309,8 @@ def build_app(recipe: Recipe) -> FastAPI:
     name = cfg.model_name or recipe.name
     specialist = make_engine(recipe, name)
     r = cfg.routing
-    fallback = RemoteEngine(r.fallback_url, r.fallback_model, _env(r.fallback_api_key_env), cfg.timeout_s,
-                            name=r.fallback_model or r.fallback_url) if r.fallback_url else None
+    fallback = remote(r.fallback_url, r.fallback_model, _env(r.fallback_api_key_env), cfg.timeout_s,
+                      name=r.fallback_model or r.fallback_url) if r.fallback_url else None
     return create_app(specialist, cfg, fallback=fallback, model_name=name, api_key=_env(cfg.api_key_env))
 
 

@@ -5,24 +5,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from slmforge.lm.types import LMError, Request, Result
 
-class APIError(Exception):
-    """An error the client caused (4xx) or a backend failure (5xx), sent as OpenAI's {"error": {...}} body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        if self.status == 401:
-            kind = "authentication_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+# The engine-facing types are slmforge.lm's: one request, one result and one error type for every caller.
+APIError = LMError  # an error the client caused (4xx) or a backend failure (5xx), sent as OpenAI's {"error": {...}} body
+GenRequest = Request
+Generation = Result
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -124,33 +117,6 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
         where = ".".join(str(p) for p in e["loc"]) or "body"
         raise APIError(400, f"{where}: {e['msg']}" + (f" ({err.error_count() - 1} more problems)" if err.error_count() > 1 else ""),
                        where) from None
-
-
-# ------------------------------------------------------------------------------------------ engine-facing
-@dataclass
-class GenRequest:
-    """What an engine needs, whichever endpoint the request came from."""
-
-    messages: list[dict] | None = None  # chat
-    prompt: str | None = None  # plain completion
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    schema: dict | None = None
-    seed: int | None = None
-    model: str = ""  # what the client asked for; the fallback's name sends the request straight there
-
-
-@dataclass
-class Generation:
-    text: str
-    model: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "stop"  # stop | length
-    tokens: list[str] = field(default_factory=list)
-    logprobs: list[float] | None = None  # per generated token; None when the engine could not say
 
 
 # ------------------------------------------------------------------------------------------ responses

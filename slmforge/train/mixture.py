@@ -103,24 +103,23 @@ def synthesize_replay(model_path: str, model_key: str, cache: Path, *, samples: 
 
 
 def _generate(loaded: dict, model_path: str, prompts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
-    import torch
-
-    from slmforge.models import load_causal_lm, load_tokenizer
+    """One batch of replay conversations, sampled (top_p 0.95) or greedy, seeded once per batch."""
+    from slmforge.lm import LMError, Request
+    from slmforge.lm.hf import TransformersLM
 
     if not loaded:
-        loaded["tok"] = load_tokenizer(model_path)
-        loaded["tok"].padding_side = "left"
-        loaded["model"] = load_causal_lm(model_path).eval()
-    tok, model = loaded["tok"], loaded["model"]
+        loaded["lm"] = TransformersLM.load(model_path, name="replay", batch_hint=max(1, len(prompts)))
+    lm = loaded["lm"]
+    lm.batch_hint = max(lm.batch_hint, len(prompts))  # the whole batch in one generate(), as its cache unit is
     convs = [[{"role": "user", "content": p}] for p in prompts]
-    enc = tok.apply_chat_template(convs, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(**enc.to(model.device), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                             temperature=temperature or None, top_p=0.95 if temperature > 0 else None, pad_token_id=tok.pad_token_id)
-    answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [tok.apply_chat_template(c + [{"role": "assistant", "content": a.strip()}], tokenize=False)
-            for c, a in zip(convs, answers) if a.strip()]
+    reqs = [Request(messages=c, max_tokens=max_new_tokens, temperature=temperature, top_p=0.95 if temperature > 0 else 1.0,
+                    seed=seed, logprobs=False) for c in convs]
+    results = lm.generate(reqs)
+    failed = [r for r in results if isinstance(r, LMError)]
+    if failed:
+        raise RuntimeError(f"dapt replay: the model failed to answer: {failed[0].message}")
+    return [lm.tok.apply_chat_template(c + [{"role": "assistant", "content": r.text.strip()}], tokenize=False)
+            for c, r in zip(convs, results) if r.text.strip()]
 
 
 def pack(texts: list[str], tok, block: int) -> list[dict]:
