@@ -46,9 +46,24 @@ def _load(recipe: Path, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
+def _open_run(recipe) -> RunDir:
+    """The run directory, created and probed for writing before any work: one line naming run_dir if it cannot be."""
+    import tempfile
+
+    try:
+        run = RunDir(recipe.run_path)
+        tempfile.TemporaryFile(dir=run.root).close()
+    except OSError as err:
+        console.print(f"[red]error:[/red] run_dir: cannot write the run folder {recipe.run_path} "
+                      f"({err.strerror or err}{': ' + err.filename if err.filename and str(err.filename) != str(recipe.run_path) else ''})",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    return run
+
+
 def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None = None, force: bool = False) -> list[StageOutcome]:
     recipe = _load(recipe_path, overrides)
-    run = RunDir(recipe.run_path)
+    run = _open_run(recipe)
     outcomes = []
     for name in stages:
         console.print(f"[bold cyan]▶ {name}[/bold cyan]")
@@ -140,7 +155,7 @@ def report(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt):
     """Re-render runs/<name>/report.html from the run's manifests and eval results (the eval stage writes it too)."""
     from slmforge.report import write_report
 
-    console.print(f"report → {write_report(RunDir(_load(recipe, set_).run_path))}")
+    console.print(f"report → {write_report(_open_run(_load(recipe, set_)))}")
 
 
 @app.command()
