@@ -46,6 +46,19 @@ def _load(recipe: Path, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
+def _check_models(recipe, stages: list[str]) -> None:
+    """base_model (and a separate ingest tokenizer) must exist before any stage starts: never a silent fallback."""
+    from slmforge.models import ModelError, check_model
+
+    try:
+        check_model(recipe.base_model)
+        if "ingest" in stages and recipe.ingest.tokenizer != "base":
+            check_model(recipe.ingest.tokenizer, "ingest.tokenizer")
+    except ModelError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 def _open_run(recipe) -> RunDir:
     """The run directory, created and probed for writing before any work: one line naming run_dir if it cannot be."""
     import tempfile
@@ -63,6 +76,7 @@ def _open_run(recipe) -> RunDir:
 
 def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None = None, force: bool = False) -> list[StageOutcome]:
     recipe = _load(recipe_path, overrides)
+    _check_models(recipe, stages)
     run = _open_run(recipe)
     outcomes = []
     for name in stages:

@@ -230,3 +230,52 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["ingest", str(write_recipe(tmp_path, docs))])
     assert result.exit_code == 1
     assert "no readable documents under" in result.output and "binary file" in result.output
+
+
+# ------------------------------------------------------------------------------------------ base model
+@pytest.mark.parametrize("base_model", ["/nonexistent/models/mine", "./models/mine", "nobody-here/no-such-model-xyz"])
+def test_missing_base_model_is_an_error_before_any_work(tmp_path, corpus, base_model, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = write_recipe(tmp_path, corpus, base_model=base_model)
+    result = CliRunner().invoke(app, ["ingest", str(recipe)])
+    assert result.exit_code == 2, result.output
+    out = " ".join(result.output.split())
+    assert "base_model" in out and "Traceback" not in out
+    if base_model.startswith(("/", ".")):
+        assert "model folder not found" in out and "models/mine" in out
+    else:
+        assert "no-such-model-xyz" in out and "not in the HF cache" in out and "HF_HUB_OFFLINE=1" in out
+    assert not (tmp_path / "runs" / "t" / "ingest").exists()  # no stage ran, nothing chunked by whitespace
+
+
+def test_hub_id_in_the_local_cache_still_works_offline(tmp_path, corpus, monkeypatch):
+    """A hub id found in the HF cache (offline) gives the model's own tokenizer to ingest, as a folder would."""
+    import shutil
+
+    import huggingface_hub
+
+    from slmforge.ingest.stage import IngestStage
+
+    snapshot = tmp_path / "hf" / "models--someorg--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    shutil.copy(tokenizer_file("default"), snapshot / "tokenizer.json")
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    from slmforge.models import check_model, hub_file
+
+    hub_file.cache_clear()
+    check_model("someorg/tiny")
+    recipe = load_recipe(write_recipe(tmp_path, corpus, base_model="someorg/tiny"))
+    outcome = RunDir(recipe.run_path).execute(IngestStage(), recipe)
+    assert outcome.manifest["inputs"]["tokenizer"] != "whitespace"
+    chunks = [json.loads(line) for line in (recipe.run_path / "ingest" / "chunks.jsonl").read_text().splitlines()]
+    real = TokenCounter(snapshot / "tokenizer.json")
+    assert [c["n_tokens"] for c in chunks] == real.count_many([c["text"] for c in chunks])
+    hub_file.cache_clear()

@@ -12,7 +12,7 @@ from pathlib import Path
 from slmforge.console import track
 from slmforge.ingest.chunking import TokenCounter, chunk_document
 from slmforge.ingest.readers import ReadError, read_file
-from slmforge.models import tokenizer_file
+from slmforge.models import ModelError, tokenizer_file
 from slmforge.records import Chunk, Document, Rejection
 from slmforge.run import StageContext, Stage, atomic_write_json, atomic_write_jsonl, cached_unit, hash_obj, iter_files, sha256_file
 
@@ -23,9 +23,14 @@ class EmptyCorpusError(RuntimeError):
     pass
 
 
-def _tokenizer_path(recipe) -> Path | None:
+def _tokenizer_path(recipe) -> Path:
     spec = recipe.base_model if recipe.ingest.tokenizer == "base" else recipe.ingest.tokenizer
-    return tokenizer_file(spec)
+    path = tokenizer_file(spec)
+    if path is None:  # chunk sizes are promised in the base model's tokens: never fall back to counting words
+        field = "base_model" if recipe.ingest.tokenizer == "base" else "ingest.tokenizer"
+        raise ModelError(f"{field} {spec!r} has no tokenizer.json; set ingest.tokenizer to a tokenizer.json file or a "
+                         "model folder that has one")
+    return path
 
 
 class IngestStage(Stage):
