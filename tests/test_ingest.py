@@ -279,3 +279,60 @@ def test_hub_id_in_the_local_cache_still_works_offline(tmp_path, corpus, monkeyp
     real = TokenCounter(snapshot / "tokenizer.json")
     assert [c["n_tokens"] for c in chunks] == real.count_many([c["text"] for c in chunks])
     hub_file.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------ decoding
+FRENCH = "Le système de réplication synchrone garantit à l'université la durabilité des données validées. Où est-ce?"
+GERMAN = "Die Größe der Tabelle hängt von der Anzahl der Zeilen ab. Über die Schlüssel wird schnell gesucht, äußerst nützlich."
+
+
+@pytest.mark.parametrize("text, codec, label", [
+    (FRENCH, "latin-1", "latin-1"),
+    (GERMAN, "latin-1", "latin-1"),
+    (FRENCH.replace("'", "’") + " « Guillemets » – “citation” … 5 €", "cp1252", "cp1252"),
+    (FRENCH + " " + GERMAN, "utf-16-le", "utf-16-le"),
+    (FRENCH + " " + GERMAN, "utf-16-be", "utf-16-be"),
+    (GERMAN, "utf-32-le", "utf-32-le"),
+    (FRENCH, "utf-8-sig", "utf-8-sig"),
+])
+def test_decoding_bom_then_utf8_then_western_before_other_codecs(tmp_path, text, codec, label):
+    f = tmp_path / "doc.txt"
+    bom = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff", "utf-32-le": b"\xff\xfe\x00\x00"}.get(codec, b"")
+    f.write_bytes(bom + text.encode(codec))
+    doc = _read(f)
+    assert doc.text == text, doc.text  # every accented letter right: no "systčme", no "ŕ l'université"
+    assert doc.encoding == label
+
+
+def test_non_western_text_still_goes_to_detection(tmp_path):
+    f = tmp_path / "ru.txt"
+    f.write_bytes(("Индекс позволяет серверу базы данных находить и извлекать строки гораздо быстрее, чем без индекса. " * 3).encode("cp1251"))
+    doc = _read(f)
+    assert "Индекс позволяет" in doc.text and doc.encoding == "cp1251"
+
+
+def test_ingest_report_lists_each_decoding_decision(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "fr.txt").write_bytes((FRENCH + "\n\n" + paragraph(1)).encode("latin-1"))
+    (docs / "wide.txt").write_bytes(b"\xff\xfe" + (GERMAN + "\n\n" + paragraph(2)).encode("utf-16-le"))
+    (docs / "plain.txt").write_text(paragraph(3))
+    recipe = load_recipe(write_recipe(tmp_path, docs))
+    from slmforge.ingest.stage import IngestStage
+
+    RunDir(recipe.run_path).execute(IngestStage(), recipe)
+    report = json.loads((recipe.run_path / "ingest" / "report.json").read_text())
+    assert {d["source"]: (d["encoding"], d["how"]) for d in report["decoding"]} == {
+        "fr.txt": ("latin-1", "not valid UTF-8; Western European letters"), "wide.txt": ("utf-16-le", "byte order mark")}
+    assert [w["source"] for w in report["warnings"]] == ["fr.txt"]
+    assert report["counts"]["rejected"] == 0
+
+
+def test_binary_bytes_after_a_utf16_bom_are_still_binary(tmp_path):
+    import struct
+
+    f = tmp_path / "blob.txt"  # packed integers after an accidental FF FE: UTF-16 decodes them to control characters
+    f.write_bytes(b"\xff\xfe" + b"".join(struct.pack("<IHB", i, i % 7, 0) for i in range(500)))
+    with pytest.raises(ReadError) as err:
+        _read(f)
+    assert err.value.reason == "binary file" or err.value.reason.startswith("not UTF-")

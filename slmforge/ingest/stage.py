@@ -16,7 +16,7 @@ from slmforge.models import ModelError, tokenizer_file
 from slmforge.records import Chunk, Document, Rejection
 from slmforge.run import StageContext, Stage, atomic_write_json, atomic_write_jsonl, cached_unit, hash_obj, iter_files, sha256_file
 
-READER_VERSION = "1"
+READER_VERSION = "2"  # 2: BOM-first decoding, Western European before charset detection
 
 
 class EmptyCorpusError(RuntimeError):
@@ -59,6 +59,7 @@ class IngestStage(Stage):
         chunks: list[Chunk] = []
         rejected: list[Rejection] = []
         warnings: list[dict] = []
+        decoding: list[dict] = []  # every file not read as plain UTF-8, with the codec and why it was chosen
         units: dict[str, int] = {}  # cache hits vs parsed now: shows what a resumed run reused
 
         for path in track(files, "ingest", total=len(files)):
@@ -78,7 +79,9 @@ class IngestStage(Stage):
                 continue
             doc = Document.model_validate(unit["document"])
             if doc.encoding not in (None, "utf-8"):
-                warnings.append({"source": rel, "warning": f"not UTF-8; decoded as {doc.encoding}"})
+                decoding.append({"source": rel, "encoding": doc.encoding, "how": _how_decoded(doc.encoding)})
+                if not doc.encoding.startswith("utf-"):
+                    warnings.append({"source": rel, "warning": f"not UTF-8; decoded as {doc.encoding} ({_how_decoded(doc.encoding)})"})
             documents.append(doc)
             chunks.extend(Chunk.model_validate(c) for c in unit["chunks"])
 
@@ -103,6 +106,7 @@ class IngestStage(Stage):
             "counts": ctx.counts,
             "rejected": [r.model_dump() for r in rejected],
             "warnings": warnings,
+            "decoding": decoding,
         })
 
 
@@ -113,6 +117,14 @@ class IngestStage(Stage):
             ("files rejected", f"{c['rejected']}  {c['rejected_by_reason'] or ''}".strip()),
             ("chunks / tokens", f"{c['chunks']:,} / {c['tokens']:,}"),
         ]
+
+
+def _how_decoded(encoding: str) -> str:
+    if encoding.startswith("utf-"):
+        return "byte order mark"
+    if encoding in ("latin-1", "cp1252"):
+        return "not valid UTF-8; Western European letters"
+    return "not valid UTF-8; charset detection"
 
 
 def _parse_and_chunk(path: Path, root: Path, counter: TokenCounter, cfg) -> dict:
