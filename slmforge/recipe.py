@@ -39,6 +39,11 @@ class IngestConfig(Section):
     min_chunk_tokens: int = Field(24, ge=1, description="smaller trailing pieces merge into their neighbour")
     max_file_mb: float = Field(50, gt=0)
     encoding_fallback: bool = Field(True, description="decode non-UTF-8 text by detection (listed as a warning)")
+    follow_symlinks: Literal["inside", "always", "never"] = Field(
+        "inside", description="links in the documents folder: inside = follow those that stay inside it; every link "
+        "met is listed in the ingest report")
+    reader_timeout_s: float = Field(120.0, gt=0, description="a file whose reader takes longer is rejected (not cached)")
+    reader_memory_mb: int = Field(4096, ge=0, description="address-space limit of the reader process (0 = none)")
 
     @model_validator(mode="after")
     def _overlap_smaller_than_chunk(self):

@@ -336,3 +336,108 @@ def test_binary_bytes_after_a_utf16_bom_are_still_binary(tmp_path):
     with pytest.raises(ReadError) as err:
         _read(f)
     assert err.value.reason == "binary file" or err.value.reason.startswith("not UTF-")
+
+
+# ------------------------------------------------------------------------------------------ per-file guard
+def _recurse(path, root, fallback):
+    def down(n):
+        return down(n + 1)
+
+    return down(0)
+
+
+def _hang(path, root, fallback):
+    import time
+
+    time.sleep(60)
+
+
+def _hog(path, root, fallback):
+    blocks = [bytearray(64 << 20) for _ in range(64)]  # 4 GB, over the 1 GB limit below
+    return blocks
+
+
+def _segfault(path, root, fallback):
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def _bug(path, root, fallback):
+    return {}["missing"]
+
+
+def _by_name(path, root, fallback):
+    return {"hang.txt": _hang, "hog.txt": _hog, "segv.txt": _segfault, "bug.txt": _bug, "deep.txt": _recurse}.get(
+        path.name, read_file)(path, root, fallback)
+
+
+def test_guard_rejects_only_the_bad_file_with_its_reason(tmp_path):
+    from slmforge.ingest.guard import GuardedReader, TransientReadError
+
+    for name in ("good1.txt", "hang.txt", "good2.txt", "hog.txt", "segv.txt", "bug.txt", "deep.txt", "good3.txt"):
+        (tmp_path / name).write_text(f"{name}\n\n{paragraph(len(name))}")
+    outcomes = {}
+    with GuardedReader(timeout_s=3, memory_mb=1024, reader=_by_name) as guard:
+        for f in sorted(tmp_path.iterdir()):
+            try:
+                outcomes[f.name] = guard.read(f, tmp_path).title
+            except ReadError as err:
+                outcomes[f.name] = (err.reason, isinstance(err, TransientReadError))
+        assert guard.restarts == 2  # the hang and the segfault; the others were caught inside the reader process
+    assert outcomes == {
+        "good1.txt": "good1.txt", "good2.txt": "good2.txt", "good3.txt": "good3.txt",
+        "hang.txt": ("reader timed out", True), "segv.txt": ("reader crashed", True),
+        "hog.txt": ("reader out of memory", False), "bug.txt": ("reader failed", False),
+        "deep.txt": ("nested too deeply", False),
+    }
+
+
+def test_deeply_nested_html_among_good_files_does_not_stop_ingest(tmp_path, corpus):
+    (corpus / "deep.html").write_text("<html><body>" + "<div>" * 1000 + "<p>" + paragraph(7) + "</p>" + "</div>" * 1000
+                                      + "</body></html>")
+    (corpus / "deeper.html").write_text("<html><body>" + "<div>" * 25_000 + "deep text" + "</div>" * 25_000 + "</body></html>")
+    recipe = load_recipe(write_recipe(tmp_path, corpus))
+    from slmforge.ingest.stage import IngestStage
+
+    counts = RunDir(recipe.run_path).execute(IngestStage(), recipe).manifest["counts"]
+    report = json.loads((recipe.run_path / "ingest" / "report.json").read_text())
+    docs = {json.loads(line)["source"] for line in (recipe.run_path / "ingest" / "documents.jsonl").read_text().splitlines()}
+    assert {"note00.txt", "guides/guide3.md", "deep.html"} <= docs and counts["documents"] >= 13
+    rejected = {r["source"]: r for r in report["rejected"]}
+    assert "deeper.html" in docs or rejected["deeper.html"]["reason"], report  # named, whatever its outcome
+
+
+# ------------------------------------------------------------------------------------------ symlinks
+def test_symlinks_stay_inside_by_default_and_each_is_listed(tmp_path, corpus):
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "secret.txt").write_text("Secret notes\n\n" + paragraph(900))
+    (outside / "folder" / "far.md").write_text("# Far\n\n" + paragraph(901))
+    (corpus / "secret.txt").symlink_to(outside / "secret.txt")
+    (corpus / "far").symlink_to(outside / "folder")
+    (corpus / "guides-again").symlink_to(corpus / "guides")  # a folder link that stays inside
+    (corpus / "alias.txt").symlink_to(corpus / "note01.txt")
+    (corpus / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    (corpus / "loop").symlink_to(corpus)
+    from slmforge.ingest.stage import IngestStage
+
+    recipe = load_recipe(write_recipe(tmp_path, corpus))
+    RunDir(recipe.run_path).execute(IngestStage(), recipe)
+    report = json.loads((recipe.run_path / "ingest" / "report.json").read_text())
+    links = {link["link"]: (link["action"], link["why"]) for link in report["symlinks"]}
+    assert links["secret.txt"] == ("skipped", "leaves the documents folder (ingest.follow_symlinks: inside)")
+    assert links["far"][0] == "skipped" and links["gone.txt"][0] == "skipped" and links["loop"][0] == "skipped"
+    assert links["guides-again"] == ("skipped", "its folder is walked already (or a link cycle)")
+    assert links["alias.txt"] == ("followed", "inside the documents folder")
+    sources = {json.loads(line)["source"] for line in (recipe.run_path / "ingest" / "documents.jsonl").read_text().splitlines()}
+    assert "secret.txt" not in sources and not any(s.startswith("far/") for s in sources)
+    assert {"alias.txt", "note01.txt"} <= sources and not any(s.startswith("guides-again/") for s in sources)
+    assert report["counts"]["links_skipped"] == 5 and report["counts"]["links_followed"] == 1
+
+    always = load_recipe(write_recipe(tmp_path, corpus, ingest={"follow_symlinks": "always"}))
+    RunDir(always.run_path).execute(IngestStage(), always, force=True)
+    report = json.loads((always.run_path / "ingest" / "report.json").read_text())
+    sources = {json.loads(line)["source"] for line in (always.run_path / "ingest" / "documents.jsonl").read_text().splitlines()}
+    assert {"secret.txt", "far/far.md"} <= sources
+    assert {link["link"]: link["action"] for link in report["symlinks"]}["secret.txt"] == "followed"

@@ -154,11 +154,18 @@ class CurateStage(Stage):
 
         resumed = sorted(d.parent.name for d in logs.glob("*/completions") if any(d.iterdir()))
 
+        from slmforge.procs import ChildFailed, run_in_group
+
         with open(work / "datatrove.log", "a") as log, contextlib.redirect_stderr(log):
             logger.remove()
             logger.add(log)
             try:
-                chain.run()
+                # in a child process group that dies with the build: a kill -9 of the build leaves no datatrove
+                # worker (forkserver pool, Manager) running on, orphaned
+                run_in_group(chain.run, what="the datatrove pipeline")
+            except ChildFailed as err:
+                log.write(err.traceback)
+                raise RuntimeError(f"{err} (traceback in {work / 'datatrove.log'})") from None
             finally:
                 logger.remove()
                 logger.add(sys.stderr, level="WARNING")
