@@ -90,6 +90,8 @@ def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None
             console.print(f"  [dim]unchanged since {outcome.manifest['started']}: skipped (use --force to rerun)[/dim]")
         else:
             console.print(f"  done in {outcome.manifest['seconds']:.1f}s → {run.stage_dir(name)}")
+        if outcome.manifest.get("counts", {}).get("incomplete"):
+            console.print(f"  [yellow]incomplete:[/yellow] {outcome.manifest['counts']['incomplete']}", highlight=False)
         outcomes.append(outcome)
     _summary(outcomes)
     _results(run)

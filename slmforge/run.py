@@ -196,7 +196,7 @@ class RunDir:
         config = recipe.stage_config(stage.name)
         key = hash_obj({"stage": stage.name, "version": stage.version, "config": config, "inputs": inputs})
         done = self.manifest(stage.name)
-        if done and done.get("key") == key and not force:
+        if done and done.get("key") == key and not force and not done.get("counts", {}).get("incomplete"):
             return StageOutcome(stage.name, True, done)
 
         work = self.root / ".work" / f"{stage.name}-{key[:16]}"

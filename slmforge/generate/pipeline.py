@@ -44,13 +44,16 @@ def teacher_chunks(chunks: list[Chunk], max_chunks: int, seed: int) -> list[Chun
 
 
 def make_items(chunks: list[Chunk], kinds: Iterable[str], cfg: GenerateConfig, *, teacher: Teacher | None = None,
-               cache_dir: Path, seed: int, avoid_texts: Iterable[str] = ()) -> tuple[list[Item], list[dict]]:
+               cache_dir: Path, seed: int, avoid_texts: Iterable[str] = (), stats: dict | None = None) -> tuple[list[Item], list[dict]]:
     """(accepted items, rejected rows with "reason") for `kinds` over `chunks`.
 
     teacher=None: extractive kinds only (cloze, mcq, definition qa, principal-sentence summary, term-swap preference),
     correct by construction.
     avoid_texts: no item may share a `cfg.verify.heldout_ngram`-word n-gram with any of them (decontamination).
+    stats: filled with teacher_requests, teacher_failures and teacher_errors ({message: count}) when given.
     """
+    stats = {} if stats is None else stats
+    stats.update(teacher_requests=0, teacher_failures=0, teacher_errors={})
     kinds = set(kinds)
     unknown = kinds - set(EXTRACTIVE_KINDS) - set(MODEL_KINDS) - {"cloze"}
     if unknown:
@@ -88,8 +91,11 @@ def make_items(chunks: list[Chunk], kinds: Iterable[str], cfg: GenerateConfig, *
 
     def run_units(batch: list[Unit], description: str) -> None:
         replies = generate_cached(teacher, [u.request for u in batch], cache_dir, description)
+        stats["teacher_requests"] += len(replies)
         for unit, reply in zip(batch, replies):
             if isinstance(reply, TeacherError):
+                stats["teacher_failures"] += 1
+                stats["teacher_errors"][str(reply)] = stats["teacher_errors"].get(str(reply), 0) + 1
                 rejected.append(_rejected_row(unit.kind, unit.chunk.id, teacher.name, "teacher_error", detail=str(reply), unit=unit.key))
                 continue
             item = parse_reply(unit, reply, teacher.name)

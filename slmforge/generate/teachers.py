@@ -32,6 +32,11 @@ class Teacher:
     name: str = "teacher"  # recorded as the `origin` of every item it writes
     batch_hint: int = 8  # requests handed to `complete` at once (and cached after each such batch)
 
+    @property
+    def endpoint(self) -> str:
+        """Where the teacher's answers come from (a URL, a model folder, a GGUF file), for error messages."""
+        return self.name
+
     def identity(self) -> dict:
         """What makes two teachers give the same answer to the same request (the response cache key). No secrets."""
         raise NotImplementedError
@@ -86,6 +91,10 @@ class OpenAITeacher(Teacher):
 
     def __repr__(self) -> str:
         return f"OpenAITeacher(base_url={self.base_url!r}, model={self.model!r})"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.base_url}/chat/completions (model {self.model})"
 
     def identity(self) -> dict:
         return {"backend": "openai", "base_url": self.base_url, "model": self.model}
