@@ -60,8 +60,10 @@ def _child(fn, args, result_w, alive_r: int, alive_w: int, parent: int) -> None:
     os.close(alive_w)  # only the build holds the write end: its death is the EOF the watcher waits for
     os.setpgid(0, 0)
     _own_forkserver()
-    die_with_parent(parent)
+    # no PR_SET_PDEATHSIG here: its SIGKILL would win the race against the watcher, leaving the group orphaned
     threading.Thread(target=_watch, args=(alive_r,), daemon=True).start()
+    if os.getppid() != parent:  # the build died before the watcher started
+        os.killpg(0, signal.SIGKILL)
     try:
         fn(*args)
     except BaseException as err:  # noqa: BLE001 (reported to the parent, which raises it)
