@@ -132,7 +132,7 @@ def init(path: Path = typer.Argument(Path("recipe.yaml")), documents: str = type
         console.print(f"[red]error:[/red] {path} exists; not overwriting")
         raise typer.Exit(1)
     path.write_text(STARTER.format(name=name, documents=documents))
-    console.print(f"wrote {path}; edit it, then run `slmforge build {path}`")
+    console.print(f"wrote {path}: every stage is enabled; run `slmforge build {path}` (or edit it first)")
 
 
 @app.command()

@@ -554,4 +554,24 @@ curate:
     reference: []       # topic descriptions; empty = the corpus itself
   pii: {{enabled: true}}  # emails, phone numbers, public IPs, keys/tokens -> placeholders
   heldout_fraction: 0.1 # documents kept for evaluation only, never trained on
+
+generate:
+  enabled: true         # extractive items from every chunk + teacher-written ones, each verified against its passage
+  teacher:
+    backend: transformers  # transformers = the base model teaches itself; openai = any OpenAI-compatible server
+                           # (set base_url); none = extractive items only
+
+dapt:
+  enabled: true         # continued pretraining on the curated text, mixed with general replay
+sft:
+  enabled: true         # supervised fine-tuning on the generated items
+dpo:
+  enabled: true         # preference tuning on grounded vs closed-book answers
+
+eval:
+  enabled: true         # base vs every trained stage on benchmarks built from the held-out documents
+
+export:
+  enabled: true         # merged safetensors folder (with model card and licences), GGUF files, Ollama Modelfile
+  corpus_license: ""    # the documents' licence, e.g. CC-BY-4.0 (written into the model card)
 """

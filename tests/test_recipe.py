@@ -136,3 +136,17 @@ def test_unusable_run_dir_is_one_line_naming_the_field(tmp_path, corpus, where):
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "run_dir" in lines[0] and str(run_dir) in lines[0], result.output
     assert "Traceback" not in result.output
+
+
+def test_init_recipe_unedited_enables_the_whole_pipeline(tmp_path, corpus):
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+    from slmforge.recipe import STAGES
+
+    target = tmp_path / "fresh.yaml"
+    result = CliRunner().invoke(app, ["init", str(target), "--documents", str(corpus)])
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(target)
+    assert recipe.enabled_stages() == list(STAGES)  # ingest ... export, nothing to switch on by hand
+    assert recipe.generate.teacher.backend == "transformers" and recipe.base_model == "default"
