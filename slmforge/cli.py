@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from slmforge.console import console
+from slmforge.console import console, quiet_libraries, results
 from slmforge.recipe import STAGES, STARTER, RecipeError, load_recipe
 from slmforge.run import RunDir, Stage, StageOutcome
 
@@ -76,6 +76,7 @@ def _open_run(recipe) -> RunDir:
 
 def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None = None, force: bool = False) -> list[StageOutcome]:
     recipe = _load(recipe_path, overrides)
+    quiet_libraries()
     _check_models(recipe, stages)
     run = _open_run(recipe)
     outcomes = []
@@ -102,14 +103,14 @@ def _results(run: RunDir) -> None:
     """The comparison table and where the report, model, GGUF and benchmarks are, when they exist."""
     table = run.stage_dir("eval") / "table.md"
     if table.is_file():
-        console.print("\n[bold]comparison: base vs every stage (held-out benchmarks, 95% CIs)[/bold]")
-        console.print(table.read_text(encoding="utf-8"), markup=False, highlight=False)
+        results.print("\n[bold]comparison: base vs every stage (held-out benchmarks, 95% CIs)[/bold]")
+        results.print(table.read_text(encoding="utf-8"), markup=False, highlight=False)
     places = [("report", run.root / "report.html"), ("model", run.stage_dir("export") / "model"),
               ("GGUF", run.stage_dir("export") / "gguf"), ("benchmarks", run.stage_dir("eval") / "benchmarks"),
               ("lm-eval tasks", run.stage_dir("eval") / "lm_eval")]
     found = [(what, path) for what, path in places if path.exists()]
     for what, path in found:
-        console.print(f"  {what:<14} {path}", markup=False, highlight=False, soft_wrap=True)
+        results.print(f"  {what:<14} {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _summary(outcomes: list[StageOutcome]) -> None:
@@ -121,7 +122,7 @@ def _summary(outcomes: list[StageOutcome]) -> None:
             table.add_row(what, value)
     for o in outcomes:
         table.add_row(f"time: {o.stage}", "skipped" if o.skipped else f"{o.manifest['seconds']:.1f}s")
-    console.print(table)
+    results.print(table)
 
 
 @app.command()
@@ -171,7 +172,8 @@ def report(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt):
     """Re-render runs/<name>/report.html from the run's manifests and eval results (the eval stage writes it too)."""
     from slmforge.report import write_report
 
-    console.print(f"report → {write_report(_open_run(_load(recipe, set_)))}")
+    quiet_libraries()
+    results.print(f"report → {write_report(_open_run(_load(recipe, set_)))}")
 
 
 @app.command()
@@ -192,6 +194,7 @@ def serve(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt,
         raise typer.Exit(1) from None
     from slmforge.models import ModelError
 
+    quiet_libraries()
     overrides = list(set_ or []) + ([f"serve.host={host}"] if host else []) + ([f"serve.port={port}"] if port is not None else [])
     try:
         run_server(_load(recipe, overrides))

@@ -213,3 +213,32 @@ def test_kill_9_of_the_build_leaves_no_curate_worker_behind(tmp_path):
         for pid in _marked(mark):  # a failed run must not leave sleepers behind either
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_results_go_to_stdout_and_progress_to_stderr(recipe_file):
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+
+    result = CliRunner().invoke(app, ["build", str(recipe_file), "--until", "ingest"])
+    assert result.exit_code == 0, result.output
+    assert "slmforge summary" in result.stdout and "chunks / tokens" in result.stdout
+    assert "▶ ingest" in result.stderr and "▶ ingest" not in result.stdout
+    assert "slmforge summary" not in result.stderr
+
+
+def test_library_progress_noise_is_hidden(tmp_path, capfd):
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    from slmforge.console import quiet_libraries
+    from test_export import tiny_model_folder
+
+    folder = tiny_model_folder(tmp_path / "tiny")
+    capfd.readouterr()
+    quiet_libraries()
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(tmp_path / "again")
+    datasets.Dataset.from_dict({"text": ["a", "b"] * 50}).map(lambda r: {"n": len(r["text"])})
+    out, err = capfd.readouterr()
+    for noise in ("Loading weights", "Map", "Writing model shards", "%|"):
+        assert noise not in out + err, (noise, out + err)
