@@ -117,7 +117,7 @@ def predictions_file(model: str) -> str:
 EXPORTED_MODEL = Artifact(EXPORT, "model", "model", folder=True, description="merged safetensors folder with its model card")
 GGUF = Artifact(EXPORT, "gguf", "model", folder=True, description="GGUF files for llama.cpp / Ollama")
 MODELFILE = Artifact(EXPORT, "Modelfile", "model", description="for `ollama create`")
-MODEL_CARD = Artifact(EXPORT, "README.md", "report", description="the model card")
+MODEL_CARD = Artifact(EXPORT, "model/README.md", "report", description="the model card, inside the model folder (a hub repo)")
 VERIFY = Artifact(EXPORT, "verify.json", "report", description="greedy outputs of the HF folder and every GGUF")
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from slmforge import artifacts as art
-from slmforge.console import console
+from slmforge.console import console, quiet_libraries, results
 from slmforge.recipe import STAGES, STARTER, RecipeError, load_recipe
 from slmforge.run import RunDir, StageOutcome
 
@@ -28,13 +28,43 @@ def _load(recipe: Path, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
+def _check_models(recipe, stages: list[str]) -> None:
+    """base_model (and a separate ingest tokenizer) must exist before any stage starts: never a silent fallback."""
+    from slmforge.models import ModelError, check_model
+
+    try:
+        check_model(recipe.base_model)
+        if art.INGEST in stages and recipe.ingest.tokenizer != "base":
+            check_model(recipe.ingest.tokenizer, "ingest.tokenizer")
+    except ModelError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _open_run(recipe) -> RunDir:
+    """The run directory, created and probed for writing before any work: one line naming run_dir if it cannot be."""
+    import tempfile
+
+    try:
+        run = RunDir(recipe.run_path)
+        tempfile.TemporaryFile(dir=run.root).close()
+    except OSError as err:
+        console.print(f"[red]error:[/red] run_dir: cannot write the run folder {recipe.run_path} "
+                      f"({err.strerror or err}{': ' + err.filename if err.filename and str(err.filename) != str(recipe.run_path) else ''})",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    return run
+
+
 def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None = None, force: bool = False,
                extra: list | None = None) -> list[StageOutcome]:
     """Run the named built-in stages and any `extra` Stage objects, each after the stages whose artifacts it needs."""
     from slmforge.stages import ordered
 
     recipe = _load(recipe_path, overrides)
-    run = RunDir(recipe.run_path)
+    quiet_libraries()
+    _check_models(recipe, stages)
+    run = _open_run(recipe)
     outcomes = []
     by_name = {}
     for stage in ordered(stages, extra or ()):
@@ -50,6 +80,8 @@ def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None
             console.print(f"  [dim]unchanged since {outcome.manifest['started']}: skipped (use --force to rerun)[/dim]")
         else:
             console.print(f"  done in {outcome.manifest['seconds']:.1f}s → {run.stage_dir(name)}")
+        if outcome.manifest.get("counts", {}).get("incomplete"):
+            console.print(f"  [yellow]incomplete:[/yellow] {outcome.manifest['counts']['incomplete']}", highlight=False)
         outcomes.append(outcome)
     _summary(outcomes, by_name)
     _results(run)
@@ -60,13 +92,13 @@ def _results(run: RunDir) -> None:
     """The comparison table and where the report, model, GGUF and benchmarks are, when they exist."""
     table = run.path(art.TABLE)
     if run.has(art.TABLE):
-        console.print("\n[bold]comparison: base vs every stage (held-out benchmarks, 95% CIs)[/bold]")
-        console.print(table.read_text(encoding="utf-8"), markup=False, highlight=False)
+        results.print("\n[bold]comparison: base vs every stage (held-out benchmarks, 95% CIs)[/bold]")
+        results.print(table.read_text(encoding="utf-8"), markup=False, highlight=False)
     places = [(what, run.path(a)) for what, a in (("report", art.REPORT), ("model", art.EXPORTED_MODEL), ("GGUF", art.GGUF),
                                                   ("benchmarks", art.BENCHMARKS), ("lm-eval tasks", art.LM_EVAL_TASKS))]
     found = [(what, path) for what, path in places if path.exists()]
     for what, path in found:
-        console.print(f"  {what:<14} {path}", markup=False, highlight=False, soft_wrap=True)
+        results.print(f"  {what:<14} {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _summary(outcomes: list[StageOutcome], stages: dict) -> None:
@@ -78,7 +110,7 @@ def _summary(outcomes: list[StageOutcome], stages: dict) -> None:
             table.add_row(what, value)
     for o in outcomes:
         table.add_row(f"time: {o.stage}", "skipped" if o.skipped else f"{o.manifest['seconds']:.1f}s")
-    console.print(table)
+    results.print(table)
 
 
 @app.command()
@@ -89,7 +121,7 @@ def init(path: Path = typer.Argument(Path("recipe.yaml")), documents: str = type
         console.print(f"[red]error:[/red] {path} exists; not overwriting")
         raise typer.Exit(1)
     path.write_text(STARTER.format(name=name, documents=documents))
-    console.print(f"wrote {path}; edit it, then run `slmforge build {path}`")
+    console.print(f"wrote {path}: every stage is enabled; run `slmforge build {path}` (or edit it first)")
 
 
 @app.command()
@@ -128,7 +160,8 @@ def report(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt):
     """Re-render runs/<name>/report.html from the run's manifests and eval results (the eval stage writes it too)."""
     from slmforge.report import write_report
 
-    console.print(f"report → {write_report(RunDir(_load(recipe, set_).run_path))}")
+    quiet_libraries()
+    results.print(f"report → {write_report(_open_run(_load(recipe, set_)))}")
 
 
 @app.command()
@@ -149,6 +182,7 @@ def serve(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt,
         raise typer.Exit(1) from None
     from slmforge.models import ModelError
 
+    quiet_libraries()
     overrides = list(set_ or []) + ([f"serve.host={host}"] if host else []) + ([f"serve.port={port}"] if port is not None else [])
     try:
         run_server(_load(recipe, overrides))

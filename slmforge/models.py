@@ -6,6 +6,7 @@ GGUF file's content hash, and loaded from there afterwards (0.3 s instead of ~20
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -42,6 +43,27 @@ def default_gguf() -> Path:
     return ggufs[0]
 
 
+def check_model(spec: str, field: str = "base_model") -> None:
+    """Raise a ModelError naming `field` when `spec` names no model that can be loaded; converts nothing."""
+    try:
+        if spec == DEFAULT_MODEL:
+            default_gguf()
+            return
+        path = Path(spec).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelError(f"base_model: GGUF file not found: {path.absolute()}")
+        elif path.is_file() and path.name.endswith(".json") and field != "base_model":
+            return  # ingest.tokenizer may name a tokenizer.json directly
+        elif path.exists():
+            if not (path / "config.json").is_file() and not (path / "tokenizer.json").is_file():
+                raise ModelError(f"base_model: {path} has no config.json (not a transformers model folder)")
+        else:
+            hub_file(spec, "config.json")
+    except ModelError as err:
+        raise ModelError(str(err).replace("base_model", field, 1)) from None
+
+
 def resolve_model(spec: str) -> str:
     """Return something `from_pretrained` loads directly: a local folder or an HF id."""
     if spec == DEFAULT_MODEL:
@@ -55,7 +77,45 @@ def resolve_model(spec: str) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"base_model: {path} has no config.json (not a transformers model folder)")
         return str(path.resolve())
-    return spec  # an HF hub id; transformers reports it clearly if it is unreachable
+    hub_file(spec, "config.json")  # an HF hub id: checked now (local cache, else the hub), not at first use
+    return spec
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
+
+
+@functools.lru_cache(maxsize=64)
+def hub_file(repo_id: str, filename: str, required: bool = True) -> Path | None:
+    """A file of an HF hub model: from the local HF cache, else downloaded (unless HF_HUB_OFFLINE=1). A model that
+    cannot be found is a ModelError naming base_model and what was tried (the folder, the cache, the hub)."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+    folder = Path(repo_id).expanduser().absolute()
+    tried = f"no folder {folder}"
+    if _looks_like_path(repo_id):
+        raise ModelError(f"base_model: model folder not found: {folder}")
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, filename)
+    except HFValidationError as err:
+        raise ModelError(f"base_model {repo_id!r}: {tried}, and not a valid HF model id ({err})") from None
+    if isinstance(cached, str):
+        return Path(cached)
+    tried += f"; not in the HF cache {huggingface_hub.constants.HF_HUB_CACHE}"
+    if huggingface_hub.is_offline_mode():
+        if not required:
+            return None
+        raise ModelError(f"base_model {repo_id!r}: {tried}; the hub is not asked because HF_HUB_OFFLINE=1 "
+                         "(download it once with the hub online, or set base_model to a folder or a .gguf file)")
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename))
+    except EntryNotFoundError:
+        if not required:
+            return None
+        raise ModelError(f"base_model {repo_id!r}: the hub model has no {filename}") from None
+    except Exception as err:  # not found, gated, no network: all mean the same to the user
+        raise ModelError(f"base_model {repo_id!r}: {tried}; the hub answered {type(err).__name__}: {str(err)[:200]}") from None
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -103,6 +163,8 @@ def tokenizer_file(spec: str) -> Path | None:
     if path.is_file() and path.name.endswith(".json"):
         return path
     folder = Path(resolve_model(spec)) if not path.is_dir() else path
+    if not folder.is_dir():  # an HF hub id (resolve_model has checked it exists)
+        return hub_file(spec, "tokenizer.json", required=False)
     candidate = folder / "tokenizer.json"
     return candidate if candidate.is_file() else None
 

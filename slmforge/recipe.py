@@ -39,6 +39,11 @@ class IngestConfig(Section):
     min_chunk_tokens: int = Field(24, ge=1, description="smaller trailing pieces merge into their neighbour")
     max_file_mb: float = Field(50, gt=0)
     encoding_fallback: bool = Field(True, description="decode non-UTF-8 text by detection (listed as a warning)")
+    follow_symlinks: Literal["inside", "always", "never"] = Field(
+        "inside", description="links in the documents folder: inside = follow those that stay inside it; every link "
+        "met is listed in the ingest report")
+    reader_timeout_s: float = Field(120.0, gt=0, description="a file whose reader takes longer is rejected (not cached)")
+    reader_memory_mb: int = Field(4096, ge=0, description="address-space limit of the reader process (0 = none)")
 
     @model_validator(mode="after")
     def _overlap_smaller_than_chunk(self):
@@ -503,12 +508,32 @@ def build_recipe(data: dict, *, source: str = "<recipe>", base_dir: Path | None 
         raise RecipeError(_format_errors(err, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise RecipeError(f"duplicate key '{key}' on line {line} (first given on line {seen[key]}); "
+                                      "the later one would silently replace the earlier one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError:
@@ -541,4 +566,24 @@ curate:
     reference: []       # topic descriptions; empty = the corpus itself
   pii: {{enabled: true}}  # emails, phone numbers, public IPs, keys/tokens -> placeholders
   heldout_fraction: 0.1 # documents kept for evaluation only, never trained on
+
+generate:
+  enabled: true         # extractive items from every chunk + teacher-written ones, each verified against its passage
+  teacher:
+    backend: transformers  # transformers = the base model teaches itself; openai = any OpenAI-compatible server
+                           # (set base_url); none = extractive items only
+
+dapt:
+  enabled: true         # continued pretraining on the curated text, mixed with general replay
+sft:
+  enabled: true         # supervised fine-tuning on the generated items
+dpo:
+  enabled: true         # preference tuning on grounded vs closed-book answers
+
+eval:
+  enabled: true         # base vs every trained stage on benchmarks built from the held-out documents
+
+export:
+  enabled: true         # merged safetensors folder (with model card and licences), GGUF files, Ollama Modelfile
+  corpus_license: ""    # the documents' licence, e.g. CC-BY-4.0 (written into the model card)
 """

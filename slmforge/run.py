@@ -451,7 +451,7 @@ class RunDir:
         code = code_hash(type(stage).__module__)
         key = hash_obj({"stage": stage.name, "code": code, "config": config, "inputs": inputs})
         done = self.manifest(stage.name)
-        if done and done.get("key") == key and not force:
+        if done and done.get("key") == key and not force and not done.get("counts", {}).get("incomplete"):
             return StageOutcome(stage.name, True, done)
 
         work = self.root / ".work" / f"{stage.name}-{key[:16]}"

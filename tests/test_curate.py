@@ -120,3 +120,36 @@ def test_disabled_steps_remove_nothing(tmp_path, corpus):
                      relevance={"enabled": False}, pii={"enabled": False})
     assert sum(counts["removed"].values()) == 0
     assert counts["train_chunks"] + counts["heldout_chunks"] == counts["input_chunks"]
+
+
+# ------------------------------------------------------------------------------------------ empty / mostly removed
+def test_curate_that_keeps_nothing_stops_naming_the_filter_and_counts(tmp_path, corpus):
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+
+    recipe = write_recipe(tmp_path, corpus, curate={"quality": {"min_words": 50_000}})
+    result = CliRunner().invoke(app, ["build", str(recipe), "--until", "curate"])
+    assert result.exit_code == 1, result.output
+    out = " ".join(result.output.split())
+    assert "error in stage curate" in out and "kept 0 of" in out
+    assert "the quality filter removed all" in out and "loosen curate.quality" in out
+    assert not (tmp_path / "runs" / "t" / "curate" / "manifest.json").exists()  # not recorded as done
+    again = CliRunner().invoke(app, ["build", str(recipe), "--until", "curate"])
+    assert again.exit_code == 1 and "kept 0 of" in again.output  # and a rerun does not skip it as "unchanged"
+
+
+def test_a_filter_removing_over_half_is_a_warning(tmp_path, corpus):
+    import random
+
+    words = "index table row column planner vacuum checkpoint replica lock snapshot tuple page buffer query join".split()
+    for i in range(30):  # distinct short notes: under quality.min_words, so the quality filter removes them
+        rng = random.Random(i)
+        (corpus / f"short{i:02d}.txt").write_text(" ".join(f"{rng.choice(words)}{rng.randint(1, 999)}" for _ in range(9)))
+    counts, out = _run(tmp_path, corpus, heldout_fraction=0.25)
+    report = json.loads((out / "report.json").read_text())
+    assert counts["train_chunks"] > 0
+    warnings = [w for w in counts["warnings"] if "quality filter removed" in w]
+    assert len(warnings) == 1 and "removed 30 of 54" in warnings[0], counts["warnings"]
+    quality = next(f for f in report["flow"] if f["filter"] == "quality")
+    assert quality["removed"] == 30 and quality["removed"] > quality["input"] / 2

@@ -53,7 +53,7 @@ def test_tiny_build_end_to_end_then_serve(tmp_path):
     assert "comparison" in result.output.lower() and str(run / "report.html") in result.output
     assert str(run / "export" / "model") in result.output
     assert (run / "report.html").stat().st_size > 10_000
-    card = (run / "export" / "README.md").read_text()
+    card = (run / "export" / "model" / "README.md").read_text()  # the HF folder carries its own card
     assert "PostgreSQL" in card and "dpo" in card
 
     # the rerun skips every finished stage

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from slmforge.export import gguf
 from slmforge.export.merge import load_merged, resolve_source
@@ -140,9 +141,14 @@ def test_export_stage_end_to_end(tiny, converter, tmp_path):
     # Modelfile and card.
     modelfile = (out / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./gguf/tiny-spec-q8_0.gguf") and "<|im_end|>" in modelfile
-    readme = (out / "README.md").read_text()
+    # The HF folder is a whole hub repo on its own: card with the hub's YAML front matter, and the licences.
+    assert not (out / "README.md").exists() and not (out / "LICENSE-corpus").exists()
+    readme = (out / "model" / "README.md").read_text()
+    front = yaml.safe_load(readme.split("---")[1])
+    assert front["base_model"] and front["license"] and front["library_name"] == "transformers"
     assert "| sft | 0.47 |" in readme  # the eval table, verbatim
-    assert "PostgreSQL" in readme and "LICENSE-corpus" in readme and (out / "LICENSE-corpus").is_file()
+    assert "PostgreSQL" in readme and "LICENSE-corpus" in readme and (out / "model" / "LICENSE-corpus").is_file()
+    assert "| `model.safetensors` |" in readme and "| `LICENSE-corpus` |" in readme  # the folder's own files
     assert "| train_chunks | 12 |" in readme and "| removed | quality: 3 |" in readme
     assert "tiny-spec-f16.gguf" in readme and "3/3" in readme
 
@@ -155,7 +161,7 @@ def test_missing_converter_is_a_clear_skip_not_a_failure(tiny, tmp_path):
     assert outcome.manifest["counts"]["source"] == "base" and outcome.manifest["counts"]["gguf"] == {}
     assert "holds no convert_hf_to_gguf.py" in outcome.manifest["counts"]["gguf_skipped"][0]
     assert (out / "Modelfile").read_text().startswith("FROM ./model")
-    assert "No evaluation table" in (out / "README.md").read_text()
+    assert "No evaluation table" in (out / "model" / "README.md").read_text()
     assert (out / "model" / "model.safetensors").is_file()
 
     # Unchanged inputs: skipped. A new eval table: rerun, and the card shows it.
@@ -164,5 +170,5 @@ def test_missing_converter_is_a_clear_skip_not_a_failure(tiny, tmp_path):
     (run.stage_dir("eval") / "table.md").write_text("| model | qa acc |\n|---|---|\n| sft | 0.50 |\n")
     _fake_stage(run, "eval", {"table.md": "new"}, {})
     again = run.execute(ExportStage(), recipe)
-    assert not again.skipped and "| sft | 0.50 |" in (out / "README.md").read_text()
+    assert not again.skipped and "| sft | 0.50 |" in (out / "model" / "README.md").read_text()
     assert not (run.root / ".work" / "export.old").exists()

@@ -323,3 +323,74 @@ def test_generate_drops_training_rows_that_share_ngrams_with_eval_questions(tmp_
     # the questions are part of the stage's key: editing them reruns generate
     faq.write_text(faq.read_text() + '"Another?","Another answer that is new."\n')
     assert not run.execute(GenerateStage(), recipe).skipped
+
+
+# ------------------------------------------------------------------------------------------------ teacher failures
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _openai_recipe(runs: Path, url: str):
+    return build_recipe({"name": "t", "documents": str(ROOT / "examples/postgres/docs"), "run_dir": str(runs),
+                         "generate": {"enabled": True, "max_chunks": 4, "max_passage_words": 60, "kinds": ["qa", "summary", "cloze"],
+                                      "teacher_kinds": ["qa", "summary"],
+                                      "teacher": {"backend": "openai", "base_url": url, "model": "m", "max_retries": 0,
+                                                  "timeout_s": 5, "max_new_tokens": 8}}})
+
+
+def test_a_teacher_that_answers_nothing_fails_the_stage_naming_the_endpoint(tmp_path):
+    from slmforge.generate.stage import GenerateStage, TeacherFailed
+
+    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    recipe = _openai_recipe(_fake_run(tmp_path, 20, []), url)
+    run = RunDir(recipe.run_path)
+    with pytest.raises(TeacherFailed) as err:
+        run.execute(GenerateStage(), recipe)
+    msg = str(err.value)
+    assert f"{url}/chat/completions" in msg and "answered none of 8 requests" in msg and "attempt" in msg, msg
+    assert run.manifest("generate") is None  # not recorded as done: the next run tries again
+    with pytest.raises(TeacherFailed):
+        run.execute(GenerateStage(), recipe)
+
+
+def test_partial_teacher_failures_are_listed_and_a_rerun_retries_only_those(tmp_path):
+    import hashlib
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from slmforge.generate.stage import GenerateStage
+    from test_serve import running
+
+    state = {"flaky": True, "received": 0}
+
+    async def chat(request):
+        body = await request.body()
+        state["received"] += 1
+        if state["flaky"] and hashlib.sha256(body).digest()[0] % 2:
+            return JSONResponse({"error": "overloaded"}, status_code=503)
+        return JSONResponse({"choices": [{"message": {"role": "assistant", "content": "The index scans rows."}}]})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+    with running(app) as url:
+        recipe = _openai_recipe(_fake_run(tmp_path, 20, []), url)
+        run = RunDir(recipe.run_path)
+        first = run.execute(GenerateStage(), recipe)
+        counts = first.manifest["counts"]
+        failed = counts["teacher_failures"]
+        assert 0 < failed < counts["teacher_requests"] == state["received"] == 8
+        assert counts["incomplete"].startswith(f"{failed} of 8 teacher requests to {url}/chat/completions (model m) failed")
+        listed = [r for r in read_jsonl(run.stage_dir("generate") / "rejected.jsonl") if r["reason"] == "teacher_error"]
+        assert len(listed) == failed and all("HTTP 503" in r["detail"] for r in listed)
+
+        state.update(flaky=False, received=0)
+        second = run.execute(GenerateStage(), recipe)  # no --force: an incomplete stage is never skipped
+        assert not second.skipped and state["received"] == failed  # only the failed requests went out again
+        assert second.manifest["counts"]["teacher_failures"] == 0 and "incomplete" not in second.manifest["counts"]
+        assert run.execute(GenerateStage(), recipe).skipped and state["received"] == failed

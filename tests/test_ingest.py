@@ -230,3 +230,214 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["ingest", str(write_recipe(tmp_path, docs))])
     assert result.exit_code == 1
     assert "no readable documents under" in result.output and "binary file" in result.output
+
+
+# ------------------------------------------------------------------------------------------ base model
+@pytest.mark.parametrize("base_model", ["/nonexistent/models/mine", "./models/mine", "nobody-here/no-such-model-xyz"])
+def test_missing_base_model_is_an_error_before_any_work(tmp_path, corpus, base_model, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = write_recipe(tmp_path, corpus, base_model=base_model)
+    result = CliRunner().invoke(app, ["ingest", str(recipe)])
+    assert result.exit_code == 2, result.output
+    out = " ".join(result.output.split())
+    assert "base_model" in out and "Traceback" not in out
+    if base_model.startswith(("/", ".")):
+        assert "model folder not found" in out and "models/mine" in out
+    else:
+        assert "no-such-model-xyz" in out and "not in the HF cache" in out and "HF_HUB_OFFLINE=1" in out
+    assert not (tmp_path / "runs" / "t" / "ingest").exists()  # no stage ran, nothing chunked by whitespace
+
+
+def test_hub_id_in_the_local_cache_still_works_offline(tmp_path, corpus, monkeypatch):
+    """A hub id found in the HF cache (offline) gives the model's own tokenizer to ingest, as a folder would."""
+    import shutil
+
+    import huggingface_hub
+
+    from slmforge.ingest.stage import IngestStage
+
+    snapshot = tmp_path / "hf" / "models--someorg--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    shutil.copy(tokenizer_file("default"), snapshot / "tokenizer.json")
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    from slmforge.models import check_model, hub_file
+
+    hub_file.cache_clear()
+    check_model("someorg/tiny")
+    recipe = load_recipe(write_recipe(tmp_path, corpus, base_model="someorg/tiny"))
+    outcome = RunDir(recipe.run_path).execute(IngestStage(), recipe)
+    assert outcome.manifest["inputs"]["tokenizer"] != "whitespace"
+    chunks = [json.loads(line) for line in (recipe.run_path / "ingest" / "chunks.jsonl").read_text().splitlines()]
+    real = TokenCounter(snapshot / "tokenizer.json")
+    assert [c["n_tokens"] for c in chunks] == real.count_many([c["text"] for c in chunks])
+    hub_file.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------ decoding
+FRENCH = "Le système de réplication synchrone garantit à l'université la durabilité des données validées. Où est-ce?"
+GERMAN = "Die Größe der Tabelle hängt von der Anzahl der Zeilen ab. Über die Schlüssel wird schnell gesucht, äußerst nützlich."
+
+
+@pytest.mark.parametrize("text, codec, label", [
+    (FRENCH, "latin-1", "latin-1"),
+    (GERMAN, "latin-1", "latin-1"),
+    (FRENCH.replace("'", "’") + " « Guillemets » – “citation” … 5 €", "cp1252", "cp1252"),
+    (FRENCH + " " + GERMAN, "utf-16-le", "utf-16-le"),
+    (FRENCH + " " + GERMAN, "utf-16-be", "utf-16-be"),
+    (GERMAN, "utf-32-le", "utf-32-le"),
+    (FRENCH, "utf-8-sig", "utf-8-sig"),
+])
+def test_decoding_bom_then_utf8_then_western_before_other_codecs(tmp_path, text, codec, label):
+    f = tmp_path / "doc.txt"
+    bom = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff", "utf-32-le": b"\xff\xfe\x00\x00"}.get(codec, b"")
+    f.write_bytes(bom + text.encode(codec))
+    doc = _read(f)
+    assert doc.text == text, doc.text  # every accented letter right: no "systčme", no "ŕ l'université"
+    assert doc.encoding == label
+
+
+def test_non_western_text_still_goes_to_detection(tmp_path):
+    f = tmp_path / "ru.txt"
+    f.write_bytes(("Индекс позволяет серверу базы данных находить и извлекать строки гораздо быстрее, чем без индекса. " * 3).encode("cp1251"))
+    doc = _read(f)
+    assert "Индекс позволяет" in doc.text and doc.encoding == "cp1251"
+
+
+def test_ingest_report_lists_each_decoding_decision(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "fr.txt").write_bytes((FRENCH + "\n\n" + paragraph(1)).encode("latin-1"))
+    (docs / "wide.txt").write_bytes(b"\xff\xfe" + (GERMAN + "\n\n" + paragraph(2)).encode("utf-16-le"))
+    (docs / "plain.txt").write_text(paragraph(3))
+    recipe = load_recipe(write_recipe(tmp_path, docs))
+    from slmforge.ingest.stage import IngestStage
+
+    RunDir(recipe.run_path).execute(IngestStage(), recipe)
+    report = json.loads((recipe.run_path / "ingest" / "report.json").read_text())
+    assert {d["source"]: (d["encoding"], d["how"]) for d in report["decoding"]} == {
+        "fr.txt": ("latin-1", "not valid UTF-8; Western European letters"), "wide.txt": ("utf-16-le", "byte order mark")}
+    assert [w["source"] for w in report["warnings"]] == ["fr.txt"]
+    assert report["counts"]["rejected"] == 0
+
+
+def test_binary_bytes_after_a_utf16_bom_are_still_binary(tmp_path):
+    import struct
+
+    f = tmp_path / "blob.txt"  # packed integers after an accidental FF FE: UTF-16 decodes them to control characters
+    f.write_bytes(b"\xff\xfe" + b"".join(struct.pack("<IHB", i, i % 7, 0) for i in range(500)))
+    with pytest.raises(ReadError) as err:
+        _read(f)
+    assert err.value.reason == "binary file" or err.value.reason.startswith("not UTF-")
+
+
+# ------------------------------------------------------------------------------------------ per-file guard
+def _recurse(path, root, fallback):
+    def down(n):
+        return down(n + 1)
+
+    return down(0)
+
+
+def _hang(path, root, fallback):
+    import time
+
+    time.sleep(60)
+
+
+def _hog(path, root, fallback):
+    blocks = [bytearray(64 << 20) for _ in range(64)]  # 4 GB, over the 1 GB limit below
+    return blocks
+
+
+def _segfault(path, root, fallback):
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def _bug(path, root, fallback):
+    return {}["missing"]
+
+
+def _by_name(path, root, fallback):
+    return {"hang.txt": _hang, "hog.txt": _hog, "segv.txt": _segfault, "bug.txt": _bug, "deep.txt": _recurse}.get(
+        path.name, read_file)(path, root, fallback)
+
+
+def test_guard_rejects_only_the_bad_file_with_its_reason(tmp_path):
+    from slmforge.ingest.guard import GuardedReader, TransientReadError
+
+    for name in ("good1.txt", "hang.txt", "good2.txt", "hog.txt", "segv.txt", "bug.txt", "deep.txt", "good3.txt"):
+        (tmp_path / name).write_text(f"{name}\n\n{paragraph(len(name))}")
+    outcomes = {}
+    with GuardedReader(timeout_s=3, memory_mb=1024, reader=_by_name) as guard:
+        for f in sorted(tmp_path.iterdir()):
+            try:
+                outcomes[f.name] = guard.read(f, tmp_path).title
+            except ReadError as err:
+                outcomes[f.name] = (err.reason, isinstance(err, TransientReadError))
+        assert guard.restarts == 2  # the hang and the segfault; the others were caught inside the reader process
+    assert outcomes == {
+        "good1.txt": "good1.txt", "good2.txt": "good2.txt", "good3.txt": "good3.txt",
+        "hang.txt": ("reader timed out", True), "segv.txt": ("reader crashed", True),
+        "hog.txt": ("reader out of memory", False), "bug.txt": ("reader failed", False),
+        "deep.txt": ("nested too deeply", False),
+    }
+
+
+def test_deeply_nested_html_among_good_files_does_not_stop_ingest(tmp_path, corpus):
+    (corpus / "deep.html").write_text("<html><body>" + "<div>" * 1000 + "<p>" + paragraph(7) + "</p>" + "</div>" * 1000
+                                      + "</body></html>")
+    (corpus / "deeper.html").write_text("<html><body>" + "<div>" * 25_000 + "deep text" + "</div>" * 25_000 + "</body></html>")
+    recipe = load_recipe(write_recipe(tmp_path, corpus))
+    from slmforge.ingest.stage import IngestStage
+
+    counts = RunDir(recipe.run_path).execute(IngestStage(), recipe).manifest["counts"]
+    report = json.loads((recipe.run_path / "ingest" / "report.json").read_text())
+    docs = {json.loads(line)["source"] for line in (recipe.run_path / "ingest" / "documents.jsonl").read_text().splitlines()}
+    assert {"note00.txt", "guides/guide3.md", "deep.html"} <= docs and counts["documents"] >= 13
+    rejected = {r["source"]: r for r in report["rejected"]}
+    assert "deeper.html" in docs or rejected["deeper.html"]["reason"], report  # named, whatever its outcome
+
+
+# ------------------------------------------------------------------------------------------ symlinks
+def test_symlinks_stay_inside_by_default_and_each_is_listed(tmp_path, corpus):
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "secret.txt").write_text("Secret notes\n\n" + paragraph(900))
+    (outside / "folder" / "far.md").write_text("# Far\n\n" + paragraph(901))
+    (corpus / "secret.txt").symlink_to(outside / "secret.txt")
+    (corpus / "far").symlink_to(outside / "folder")
+    (corpus / "guides-again").symlink_to(corpus / "guides")  # a folder link that stays inside
+    (corpus / "alias.txt").symlink_to(corpus / "note01.txt")
+    (corpus / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    (corpus / "loop").symlink_to(corpus)
+    from slmforge.ingest.stage import IngestStage
+
+    recipe = load_recipe(write_recipe(tmp_path, corpus))
+    RunDir(recipe.run_path).execute(IngestStage(), recipe)
+    report = json.loads((recipe.run_path / "ingest" / "report.json").read_text())
+    links = {link["link"]: (link["action"], link["why"]) for link in report["symlinks"]}
+    assert links["secret.txt"] == ("skipped", "leaves the documents folder (ingest.follow_symlinks: inside)")
+    assert links["far"][0] == "skipped" and links["gone.txt"][0] == "skipped" and links["loop"][0] == "skipped"
+    assert links["guides-again"] == ("skipped", "its folder is walked already (or a link cycle)")
+    assert links["alias.txt"] == ("followed", "inside the documents folder")
+    sources = {json.loads(line)["source"] for line in (recipe.run_path / "ingest" / "documents.jsonl").read_text().splitlines()}
+    assert "secret.txt" not in sources and not any(s.startswith("far/") for s in sources)
+    assert {"alias.txt", "note01.txt"} <= sources and not any(s.startswith("guides-again/") for s in sources)
+    assert report["counts"]["links_skipped"] == 5 and report["counts"]["links_followed"] == 1
+
+    always = load_recipe(write_recipe(tmp_path, corpus, ingest={"follow_symlinks": "always"}))
+    RunDir(always.run_path).execute(IngestStage(), always, force=True)
+    report = json.loads((always.run_path / "ingest" / "report.json").read_text())
+    sources = {json.loads(line)["source"] for line in (always.run_path / "ingest" / "documents.jsonl").read_text().splitlines()}
+    assert {"secret.txt", "far/far.md"} <= sources
+    assert {link["link"]: link["action"] for link in report["symlinks"]}["secret.txt"] == "followed"

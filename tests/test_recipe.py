@@ -103,3 +103,50 @@ def test_init_command_writes_a_loadable_recipe(tmp_path, corpus):
     assert load_recipe(target).documents == corpus.resolve()
     again = CliRunner().invoke(app, ["init", str(target)])
     assert again.exit_code == 1  # never overwrites
+
+
+def test_duplicate_key_is_an_error_with_key_and_line(tmp_path, corpus):
+    path = tmp_path / "dup.yaml"
+    path.write_text(f"name: t\ndocuments: {corpus}\ningest:\n  chunk_tokens: 128\ncurate:\n  tasks: 1\n"
+                    "ingest:\n  chunk_overlap: 8\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert str(path) in msg and "duplicate key 'ingest' on line 7" in msg and "line 3" in msg
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(f"name: t\ndocuments: {corpus}\ncurate: {{tasks: 1, tasks: 2}}\n")
+    with pytest.raises(RecipeError, match="duplicate key 'tasks' on line 3"):
+        load_recipe(nested)
+
+
+@pytest.mark.parametrize("where", ["proc", "file"])
+def test_unusable_run_dir_is_one_line_naming_the_field(tmp_path, corpus, where):
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+
+    if where == "proc":
+        run_dir = Path("/proc/slmforge-runs")
+    else:
+        run_dir = tmp_path / "a-file"
+        run_dir.write_text("not a folder")
+    recipe = write_recipe(tmp_path, corpus)
+    result = CliRunner().invoke(app, ["ingest", str(recipe), "--set", f"run_dir={run_dir}"])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "run_dir" in lines[0] and str(run_dir) in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_init_recipe_unedited_enables_the_whole_pipeline(tmp_path, corpus):
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+    from slmforge.recipe import STAGES
+
+    target = tmp_path / "fresh.yaml"
+    result = CliRunner().invoke(app, ["init", str(target), "--documents", str(corpus)])
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(target)
+    assert recipe.enabled_stages() == list(STAGES)  # ingest ... export, nothing to switch on by hand
+    assert recipe.generate.teacher.backend == "transformers" and recipe.base_model == "default"

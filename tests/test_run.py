@@ -1,5 +1,6 @@
 """Run directory behaviour: skip unchanged stages, atomic writes, and kill -9 -> resume -> identical output."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -74,6 +75,9 @@ if mode == "ingest":
             time.sleep(600)
         return real(*a, **k)
     ingest._parse_and_chunk = slow
+elif mode == "curate-workers":  # the hang must reach datatrove's pool workers, forked by its forkserver
+    import multiprocess
+    multiprocess.get_context("forkserver").set_forkserver_preload(["hang_buckets"])
 elif mode == "curate":
     import datatrove.pipeline.dedup.minhash as minhash
     def hang(self, data=None, rank=0, world_size=1):
@@ -150,3 +154,91 @@ def test_kill_9_then_resume_gives_identical_output(tmp_path):
     curate_counts = json.loads((run_root / "curate" / "manifest.json").read_text())["counts"]
     assert {"exact1", "exact2", "exact3", "mh1"} <= set(curate_counts["resumed_steps"])  # finished steps not redone
     assert not list(run_root.glob(".work/curate-*")), "scratch space is cleaned up after success"
+
+
+HANG_BUCKETS = """
+import os, pathlib, time
+import datatrove.pipeline.dedup.minhash as minhash
+def hang(self, data=None, rank=0, world_size=1):
+    pathlib.Path(os.environ["HANG_MARKS"], f"worker-{os.getpid()}").write_text("hanging")
+    time.sleep(600)
+minhash.MinhashDedupBuckets.run = hang
+"""
+
+
+def _marked(mark: str) -> list[int]:
+    """Processes whose environment carries `mark`: the build and everything it started."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if mark.encode() in (proc / "environ").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_9_of_the_build_leaves_no_curate_worker_behind(tmp_path):
+    import uuid
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(30):
+        (docs / f"d{i:03d}.txt").write_text(f"Doc {i}\n\n{paragraph(i, 4)}\n\n{paragraph(i + 1000, 4)}\n")
+    recipe_path = write_recipe(tmp_path, docs, curate={"workers": 2, "tasks": 2})
+    (tmp_path / "hang_buckets.py").write_text(HANG_BUCKETS)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    mark = f"slmforge-test-{uuid.uuid4().hex}"
+    env = {**os.environ, "SLMFORGE_QUIET": "1", "HANG_MARKS": str(marks), "SLMFORGE_TEST_MARK": mark,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", ""), str(Path(__file__).parents[1])])}
+    proc = subprocess.Popen([sys.executable, "-c", HARNESS, "curate-workers", str(recipe_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: any(marks.iterdir()), proc, timeout=240)  # a pool worker is inside the hanging step
+        assert len(_marked(mark)) >= 3  # the build, its curate child, datatrove's forkserver / Manager / workers
+        os.kill(proc.pid, signal.SIGKILL)  # the build alone, as `kill -9 <pid>` would: not its process group
+        proc.wait()
+        deadline = time.time() + 20
+        while _marked(mark) and time.time() < deadline:
+            time.sleep(0.2)
+        left = _marked(mark)
+        assert left == [], subprocess.run(["ps", "-o", "pid,ppid,pgid,stat,cmd", "-p", ",".join(map(str, left))],
+                                          capture_output=True, text=True).stdout
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _marked(mark):  # a failed run must not leave sleepers behind either
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_results_go_to_stdout_and_progress_to_stderr(recipe_file):
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+
+    result = CliRunner().invoke(app, ["build", str(recipe_file), "--until", "ingest"])
+    assert result.exit_code == 0, result.output
+    assert "slmforge summary" in result.stdout and "chunks / tokens" in result.stdout
+    assert "▶ ingest" in result.stderr and "▶ ingest" not in result.stdout
+    assert "slmforge summary" not in result.stderr
+
+
+def test_library_progress_noise_is_hidden(tmp_path, capfd):
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    from slmforge.console import quiet_libraries
+    from test_export import tiny_model_folder
+
+    folder = tiny_model_folder(tmp_path / "tiny")
+    capfd.readouterr()
+    quiet_libraries()
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(tmp_path / "again")
+    datasets.Dataset.from_dict({"text": ["a", "b"] * 50}).map(lambda r: {"n": len(r["text"])})
+    out, err = capfd.readouterr()
+    for noise in ("Loading weights", "Map", "Writing model shards", "%|"):
+        assert noise not in out + err, (noise, out + err)

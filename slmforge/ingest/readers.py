@@ -45,17 +45,67 @@ def read_file(path: Path, root: Path, encoding_fallback: bool = True) -> Documen
 
 
 # ------------------------------------------------------------------------------------------ text decoding
+# Byte order marks, longest first (the UTF-32 LE mark begins with the UTF-16 LE one).
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xef\xbb\xbf", "utf-8-sig"),
+         (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+# Codecs charset detection may choose when the text is not Western European (Western is decided first, below).
+PLAUSIBLE_CODECS = ["cp1250", "iso8859_2", "cp1251", "koi8_r", "iso8859_5", "cp1253", "iso8859_7", "cp1254", "cp1257",
+                    "iso8859_13", "cp1255", "cp1256", "shift_jis", "euc_jp", "gb18030", "big5", "euc_kr"]
+# Letters of Western European languages beyond ASCII (Latin-1 Supplement, plus French oe/OE/Y-diaeresis), and the
+# punctuation cp1252 adds; a decode whose other characters fall outside this set is not Western text.
+_WESTERN_LETTERS = {chr(c) for c in range(0xC0, 0x100) if c not in (0xD7, 0xF7)} | set("ŒœŸ")
+_WESTERN_OTHER = set("\u00a0¡¢£¤¥¦§¨©ª«¬\u00ad®¯°±²³´µ¶·¸¹º»¼½¾¿×÷€‚„…†‡ˆ‰‹‘’“”•–—˜™›")
+
+
+def _western(text: str) -> bool:
+    """Does this decode read as Western European text? Accented letters must be a minority among letters and sit
+    inside mostly-ASCII words; Cyrillic or Greek bytes decoded as cp1252 give words made only of accented letters."""
+    letters = sum(ch.isalpha() for ch in text)
+    extra = [ch for ch in text if ord(ch) > 0x7F]
+    if not letters or any(ch not in _WESTERN_LETTERS and ch not in _WESTERN_OTHER for ch in extra):
+        return False
+    accented = sum(ch in _WESTERN_LETTERS for ch in extra)
+    heavy = sum(1 for w in re.findall(r"\w+", text) if sum(ch in _WESTERN_LETTERS for ch in w) >= 3)
+    words = max(1, len(re.findall(r"\w+", text)))
+    return accented / letters <= 0.25 and heavy / words <= 0.05
+
+
 def decode_text(data: bytes, allow_fallback: bool) -> tuple[str, str]:
+    """Bytes -> (text, codec): a byte order mark first (UTF-8/16/32), then strict UTF-8, then (when allowed)
+    Western European (cp1252, called latin-1 when no byte in 0x80-0x9F occurs, where the two differ), then charset
+    detection over PLAUSIBLE_CODECS. charset_normalizer alone is not used for the Western case: on short French or
+    German latin-1 text it ranks cp1250 first with the same zero chaos ("systčme", "ŕ l'université")."""
+    bom_error = None
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            try:
+                text = data[len(bom):].decode(codec.removesuffix("-sig"))
+            except UnicodeDecodeError as err:  # FF FE 00 00 may also be a UTF-16 LE mark and a NUL: try the next
+                bom_error = bom_error or ReadError(f"not {codec.removesuffix('-sig').upper()}", f"starts with a {codec} "
+                                                   f"byte order mark but has an invalid byte at offset {err.start + len(bom)}")
+                continue
+            sample = text[:4096]
+            if sum(ch.isprintable() or ch.isspace() for ch in sample) < 0.95 * len(sample):
+                raise ReadError("binary file", f"starts with a {codec} byte order mark but decodes to control characters")
+            return text, codec
+    if bom_error is not None:
+        raise bom_error
     if b"\x00" in data[:8192]:
         raise ReadError("binary file", "contains NUL bytes; not a text document")
     try:
-        return data.decode("utf-8-sig"), "utf-8"
+        return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError as err:
         if not allow_fallback:
             raise ReadError("not UTF-8", f"invalid byte at offset {err.start}") from None
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        text = None  # one of the five bytes cp1252 leaves undefined: not Western
+    if text is not None and _western(text):
+        return text, "cp1252" if re.search(rb"[\x80-\x9f]", data) else "latin-1"
     from charset_normalizer import from_bytes
 
-    best = from_bytes(data).best()
+    best = from_bytes(data, cp_isolation=PLAUSIBLE_CODECS).best()
     if best is None or best.chaos > 0.2:
         raise ReadError("not UTF-8", "and no other encoding fits the bytes")
     return str(best), best.encoding

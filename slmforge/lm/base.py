@@ -37,6 +37,11 @@ class LM:
     def describe(self) -> str:
         return type(self).__name__
 
+    @property
+    def endpoint(self) -> str:
+        """Where the answers come from (a URL, a model folder, a GGUF file), for error messages."""
+        return self.describe()
+
     def generate(self, requests: list[Request]) -> list[Result | LMError]:
         """Answers in request order; a request that failed for good is an LMError in its place."""
         raise NotImplementedError

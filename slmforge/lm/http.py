@@ -141,6 +141,10 @@ class OpenAILM(LM):
     def describe(self) -> str:
         return self.base_url
 
+    @property
+    def endpoint(self) -> str:
+        return f"{self.base_url}/chat/completions (model {self.model})"
+
     def body(self, req: Request, stream: bool) -> tuple[str, dict]:
         body = {"model": self.model, "max_tokens": req.max_tokens, "temperature": req.temperature, "stream": stream}
         if req.temperature > 0 and req.top_p < 1:

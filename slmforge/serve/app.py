@@ -124,10 +124,19 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
     async def _api_error(request: Request, err: APIError):
         return error_response(err)
 
+    @app.middleware("http")
+    async def _key_on_every_route(request: Request, call_next):
+        """With a key set, every route needs it (/metrics, /openapi.json, /v1/*, unknown paths) except /health."""
+        if api_key and request.url.path != "/health":
+            try:
+                check_auth(request)
+            except APIError as err:
+                return JSONResponse(err.body(), status_code=err.status)
+        return await call_next(request)
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "backend": describe(specialist),
-                "fallback": getattr(fallback, "base_url", None)}
+        return {"status": "ok"}  # liveness only: no model names, backends or URLs to anyone without the key
 
     @app.get("/metrics")
     async def prometheus():
