@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from slmforge.artifacts import EVAL, GENERATE, GGUF, STAGES
+from slmforge.artifacts import EVAL, EXPORTED_MODEL, GENERATE, GGUF, STAGES
 from slmforge.models import DEFAULT_MODEL
 from slmforge.recipe import Recipe
 
@@ -107,7 +107,7 @@ def model_card(*, recipe: Recipe, source_label: str, out: Path, manifests: dict[
     released = cfg.license or licences["base_model"]
     front = {"license": released.lower() if " " not in released else "other", "base_model": base,
              "library_name": "transformers", "tags": ["slmforge", "domain-specialist", "gguf"], "pipeline_tag": "text-generation"}
-    folder = out / "model"  # the card is this folder's README.md: it lists the folder's own files
+    folder = out / EXPORTED_MODEL.name  # the card is this folder's README.md: it lists the folder's own files
     files = [(p.relative_to(folder).as_posix(), _fmt_size(p.stat().st_size)) for p in sorted(folder.rglob("*"))
              if p.is_file() and not p.name.startswith(".")] + [("README.md", "this card")]
     gg = gguf_report.get("files", {})
