@@ -143,18 +143,12 @@ def convert_gguf(gguf: Path) -> Path:
 
 
 def model_identity(spec: str) -> str:
-    """What a model is, for cache keys: the content of every file of its folder (weights, config, tokenizer, chat
-    template), never its path, so new weights at the same path are a new model. File hashes are remembered per
-    (path, inode, size, mtime), so this costs one read of the weights per machine. A hub id not on disk is its name."""
-    path = Path(resolve_model(spec))
-    if not path.is_dir():
-        return hash_obj({"hub_id": spec})
-    files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.name not in _NOT_THE_MODEL
-             and not any(part.startswith(".") for part in p.relative_to(path).parts)]
-    return hash_obj({p.relative_to(path).as_posix(): sha256_file(p) for p in files})
+    """What a model is, for cache keys: the content of its weight, config and tokenizer files (slmforge.lm.identity),
+    never its path, so new weights at the same path are a new model. File hashes are remembered per (path, inode,
+    size, mtime), so this costs one read of the weights per machine. A hub id not on disk is its name."""
+    from slmforge.lm.identity import weights_hash
 
-
-_NOT_THE_MODEL = {"SOURCE"}  # provenance notes written beside converted weights
+    return weights_hash(resolve_model(spec))
 
 
 def tokenizer_file(spec: str) -> Path | None:
