@@ -28,6 +28,13 @@ def test_overlapping_point_gain_is_not_distinguishable():
     assert 0.5 < mcnemar_exact_p(a, b) <= 1.0
 
 
+def test_a_handful_of_items_is_never_a_verdict():
+    # two documents that both got better: the bootstrap interval excludes 0, but two items cannot show it
+    out = paired_diff([3.0, 3.2], [2.5, 2.6], higher_is_better=False)
+    assert out["ci"][1] < 0 and out["verdict"] == TIE and out["p_sign"] == 0.5 and "2 items differ" in out["note"]
+    assert paired_diff([3.0 + 0.1 * i for i in range(8)], [2.5 + 0.1 * i for i in range(8)], higher_is_better=False)["verdict"] == BEATS
+
+
 def test_lower_is_better_flips_the_verdict():
     a = [3.0 + 0.01 * i for i in range(30)]
     b = [x - 0.5 for x in a]  # every item's loss fell
@@ -86,6 +93,7 @@ def test_table_rows_carry_paired_ci_and_verdicts():
     ppl = by[("domain_ppl", "word_perplexity")]
     p = ppl["cells"]["sft"]["paired"]
     assert p["verdict"] == WORSE and p["unit"] == "nats/word" and abs(p["diff"] - 0.3) < 1e-9 and "p_mcnemar" not in p
+    assert p["p_sign"] < 0.001
     assert worse_than_base(ppl, "sft") and by[("domain_ppl", "bits_per_byte")]["cells"]["sft"]["paired"]["verdict"] == WORSE
     assert by[("mcq", "acc")]["cells"]["base"]["paired"] is None
     line = verdict(results)

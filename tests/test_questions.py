@@ -102,18 +102,21 @@ def test_references_pick_what_they_say():
     assert references(rows)["chance"]["items"] == ref["chance"]["items"]
 
 
-# Made-up facts the base model cannot know, so closed book it is near chance and the verdict can flip.
+# Made-up facts the base model cannot know, whose answers share no word with their questions: closed book the model
+# is near chance (acc_norm 5 of 12 with SmolLM2-135M), open book it copies (12 of 12), so the verdict can flip.
 FACTS = [
-    ("What port does the Zorbex daemon listen on?", "The Zorbex daemon listens on port 7431 unless ZORBEX_PORT is set."),
-    ("Where does Quillmark keep its journal files?", "Quillmark writes its journal under /var/lib/quillmark/wal in 16 MB segments."),
-    ("How do I rotate the Fennic signing key?", "Run fennic keys rotate --grace 48h and then restart every Fennic worker."),
-    ("What does the Brastle planner do with stale statistics?", "Brastle falls back to a nested loop plan and logs a warning named BR-204."),
-    ("Why does Tovik refuse to start after an upgrade?", "Tovik checks the catalog version and refuses to start until tovik-migrate has run."),
-    ("How large can a Murrel bucket grow?", "A Murrel bucket is capped at 900 objects; the next write opens a sibling bucket."),
-    ("Which user runs the Plexan scheduler?", "The Plexan scheduler runs as the unprivileged plexsched user created at install time."),
-    ("What happens when the Goswin cache is full?", "Goswin evicts the least recently compiled template and emits a GC-11 notice."),
-    ("How do I make Orrin replicas read-only?", "Set orrin.replica_mode to locked in orrin.conf and send the process SIGHUP."),
-    ("What is the default timeout of a Vessik request?", "A Vessik request times out after 95 seconds and is retried twice."),
+    ("What port does the Zorbex daemon listen on?", "Number 7431, unless an environment override exists."),
+    ("Where does Quillmark keep its journal files?", "Under /var/lib/qm/wal, in sixteen megabyte segments."),
+    ("How do I rotate the Fennic signing key?", "Run keys rotate with a two day grace, then restart workers."),
+    ("What does the Brastle planner do with stale statistics?", "It falls back to nested loops and logs warning BR-204."),
+    ("Why does Tovik refuse to start after an upgrade?", "Its catalog version differs until the migration tool has run."),
+    ("How large can a Murrel bucket grow?", "Nine hundred objects; the next write opens a sibling."),
+    ("Which user runs the Plexan scheduler?", "An unprivileged account named plexsched, created at install time."),
+    ("What happens when the Goswin cache is full?", "The least recently compiled template is evicted with notice GC-11."),
+    ("How do I make Orrin replicas read-only?", "Set replica_mode to locked in the config and send SIGHUP."),
+    ("What is the default timeout of a Vessik request?", "Ninety-five seconds, then two retries."),
+    ("Who may approve a Dunmore change window?", "Only an on-call lead holding the approver badge."),
+    ("When does Halvic compact old shards?", "Every Sunday at 03:00 UTC, one shard at a time."),
 ]
 
 
@@ -133,7 +136,7 @@ def test_real_model_base_vs_itself_and_vs_open_book(small_model):
     flat = lambda scored: [ll for s in scored for ll in s["loglik"]]  # noqa: E731
     assert flat(again) == pytest.approx(flat(closed), abs=1e-3)  # batching and order do not change a score
     for s, r in zip(closed, rows):
-        assert s["id"] == r["id"] and len(s["loglik"]) == 4 and s["gold_tokens"] > 5 and s["gold_nll"] > 0
+        assert s["id"] == r["id"] and len(s["loglik"]) == 4 and s["gold_tokens"] > 3 and s["gold_nll"] > 0
         assert s["acc"] == float(s["pred_index"] == r["answer_index"])
     # the base against itself: no difference, on every metric
     for metric in ("acc", "acc_norm", "acc_norm_char"):

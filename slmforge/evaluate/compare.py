@@ -104,6 +104,8 @@ def paired_text(p: dict | None) -> str:
     text = f"Δ{unit} {_signed(p['diff'])} [{_signed(p['ci'][0])}, {_signed(p['ci'][1])}]"
     if "p_mcnemar" in p:
         text += f" p={p['p_mcnemar']:.2g}"
+    if p.get("note"):  # the interval cleared 0, the exact sign test on the differing items did not
+        text += f" (sign test p={p.get('p_sign', p.get('p_mcnemar')):.2g})"
     return f"{text} → {p['verdict']}"
 
 
@@ -191,7 +193,8 @@ def markdown_table(results: dict) -> str:
         "",
         "Cells: score [95% CI] · Δ = paired difference from the base (mean over the same items) [paired-bootstrap 95% CI], "
         "p = exact McNemar for accuracies → BEATS when the CI lies on the better side of 0, WORSE on the other, else "
-        "not distinguishable. Perplexity rows pair per-document loss (nats/word, bits/byte); answer_ppl pairs the gold "
+        "not distinguishable (also when the exact sign test on the items that differ has p ≥ 0.05: a handful of items "
+        "is no verdict). Perplexity rows pair per-document loss (nats/word, bits/byte); answer_ppl pairs the gold "
         "answer's loss per token. Score CIs: Wilson for accuracies and exact match, bootstrap over items for F1/ROUGE-L "
         "and over documents for perplexity. ↑ higher is better, ↓ lower is better. general_* rows are the "
         "forgetting check (not domain data). Benchmarks are built only from held-out documents and decontaminated "

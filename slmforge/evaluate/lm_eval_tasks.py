@@ -74,7 +74,6 @@ SPECS: dict[str, Spec] = {
                                       "headings), worded unlike any training template; multiple choice, closed book"),
 }
 GENERAL = ("general_mcq", "general_ppl")
-NOT_EXPORTED = ("questions", "doc_questions")  # benchmarks scored by evaluate/questions.py, outside lm-eval's task runner
 
 
 def task_name(prefix: str, bench: str) -> str:

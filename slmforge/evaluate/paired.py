@@ -47,14 +47,24 @@ def verdict_of(ci: tuple[float, float] | list[float], higher_is_better: bool = T
 
 
 def paired_diff(a: list[float], b: list[float], *, binary: bool = False, higher_is_better: bool = True,
-                iters: int = 2000, seed: int = 0) -> dict:
-    """{"diff", "ci", "n", "verdict", "p_mcnemar" (binary only), "b_better", "a_better"}: b (a model) against a (its base)."""
+                iters: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """{"diff", "ci", "n", "verdict", "p_mcnemar" (binary) or "p_sign", "b_better", "a_better"[, "note"]}: b (a model)
+    against a (its base).
+
+    The percentile bootstrap is anti-conservative on a handful of items (two documents that both improved give an
+    interval that excludes 0 every time), so a BEATS/WORSE from the interval also needs the exact sign test on the
+    items that differ (McNemar's test, for 0/1 scores) below `alpha`; otherwise the row is not distinguishable and
+    `note` says why.
+    """
     ci = paired_bootstrap_ci(a, b, iters, seed)
     n = len(a)
+    p = mcnemar_exact_p(a, b)
     out = {"diff": (sum(b) - sum(a)) / n if n else 0.0, "ci": list(ci), "n": n,
            "verdict": verdict_of(ci, higher_is_better),
            "b_better": sum(1 for x, y in zip(a, b) if (y > x) == higher_is_better and y != x),
            "a_better": sum(1 for x, y in zip(a, b) if (y < x) == higher_is_better and y != x)}
-    if binary:
-        out["p_mcnemar"] = mcnemar_exact_p(a, b)
+    out["p_mcnemar" if binary else "p_sign"] = p
+    if out["verdict"] != TIE and p >= alpha:
+        out["verdict"] = TIE
+        out["note"] = f"only {out['b_better'] + out['a_better']} items differ (exact sign test p={p:.2g})"
     return out

@@ -101,7 +101,7 @@ def _eval_section(results: dict | None) -> str:
     html = ["<h2>Evaluation: base vs stages</h2>",
             "<p>Value [95% CI] · Δ = paired difference from the base on the same items [paired-bootstrap 95% CI] (p = exact "
             "McNemar for accuracies) → BEATS only when the CI lies on the better side of 0, WORSE on the other side, else "
-            "not distinguishable; green = BEATS, red = WORSE. Rows marked (no model) pick answers without any model. "
+            "not distinguishable (so is a CI resting on a handful of differing items: exact sign test p ≥ 0.05); green = BEATS, red = WORSE. Rows marked (no model) pick answers without any model. "
             "Benchmarks come only from held-out documents (or your questions) and are frozen (sha256 below); every model "
             "is scored on identical items with lm-evaluation-harness.</p>",
             f"<p><b>{escape(verdict(results))}</b></p>",
