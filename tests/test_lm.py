@@ -29,6 +29,7 @@ def chat(p: str, **kw) -> Request:
     return Request(messages=[{"role": "user", "content": p}], **kw)
 
 
+@pytest.mark.slow
 def test_teacher_replay_and_export_outputs_equal_the_old_code_paths(lm):
     from slmforge.export import gguf
     from slmforge.generate import teacher_request
@@ -56,6 +57,7 @@ def test_serving_answers_equal_the_old_engine(lm):
         assert got.logprobs == pytest.approx(old["logprobs"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_batched_and_answered_as_if_alone(lm):
     prompts = ["What is a tablespace?", "Explain MVCC in one sentence.", "Name a PostgreSQL data type.",
                "What does EXPLAIN ANALYZE show about a query plan?", "Hi", "Why run VACUUM?"]

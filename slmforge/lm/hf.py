@@ -357,12 +357,12 @@ class BatchScheduler:
         except LMError as err:
             job.resolve(error=err)
 
-    def _sample(self, job: _Job, logits) -> int:
-        """The next token of one row: greedy, or sampled with the request's temperature and top_p (its own generator)."""
+    def _sample(self, job: _Job, logits, logprobs) -> int:
+        """The next token of one row: greedy, or sampled with the request's temperature and top_p (its own generator).
+        `logprobs` is the model's own distribution (reported, as the offline path reports it)."""
         import torch
 
         req = job.req
-        logprobs = torch.log_softmax(logits, -1)  # the model's own distribution (reported, as the offline path does)
         if req.temperature <= 0:
             token = int(torch.argmax(logits))
         else:
@@ -409,9 +409,10 @@ class BatchScheduler:
             out = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                         **{self.cache_kw: cache})
         logits = out.logits[:, -1, :].float()
+        logprobs = torch.log_softmax(logits, -1)
         keep, tokens = [], []
         for row, job in enumerate(jobs):
-            token = self._sample(job, logits[row])
+            token = self._sample(job, logits[row], logprobs[row])
             if not self._after_token(job):
                 keep.append(row)
                 tokens.append(token)
@@ -458,9 +459,10 @@ class BatchScheduler:
                         **{self.cache_kw: self.cache})
         self.steps += 1
         logits = out.logits[:, -1, :].float()
+        logprobs = torch.log_softmax(logits, -1)
         keep, tokens = [], []
         for row, job in enumerate(self.active):
-            token = self._sample(job, logits[row])
+            token = self._sample(job, logits[row], logprobs[row])
             if not self._after_token(job):
                 keep.append(row)
                 tokens.append(token)
