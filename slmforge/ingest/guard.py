@@ -33,6 +33,9 @@ def _worker(conn, memory_mb: int, parent: int) -> None:
     from slmforge.procs import die_with_parent
 
     die_with_parent(parent)
+    import logging
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # "EOF marker not found" and the like: the rejection says it
     stack = 256 << 20
     if memory_mb:  # the limit is on top of the reader thread's stack and malloc arena reservations
         limit = (memory_mb << 20) + stack + (256 << 20)
