@@ -24,7 +24,7 @@ from slmforge.evaluate.lm_eval_tasks import GENERAL, SPECS, asked_in_chat, safe_
 from slmforge.artifacts import (BENCHMARKS, DECONTAMINATION, EVAL, GENERATE, HELDOUT_CHUNKS, HELDOUT_DOCUMENTS, LM_EVAL_TASKS, PREDICTIONS,
                                 RESULTS, TABLE, TRAIN_STAGES, benchmark_file, predictions_file, trained_model)
 from slmforge.evaluate.questions import questions_input, training_overlap
-from slmforge.records import Item
+from slmforge.records import Item, Prediction
 from slmforge.run import Stage, StageContext, atomic_write_json, atomic_write_jsonl, cached_unit, code_hash, hash_obj, sha256_file
 
 # How each held-out benchmark is made, for the report: the first four share the training drills' generators and wording
@@ -106,7 +106,8 @@ class EvalStage(Stage):
             results["scores"][name] = scored["scores"]
             results["lm_eval"][name] = scored["lm_eval"]
             predictions[name] = [{"bench": b, **row} for b, item_rows in scored["items"].items() for row in item_rows]
-            atomic_write_jsonl(ctx.path(PREDICTIONS) / predictions_file(name), predictions[name])
+            atomic_write_jsonl(ctx.path(PREDICTIONS) / predictions_file(name),
+                               [Prediction.model_validate(r) for r in predictions[name]])  # typed rows, metrics as extras
         results["paired"] = paired_results(predictions, [m["name"] for m in results["models"]], recipe.seed)
         if questions:
             results["references"] = {b: question_references(r, recipe.seed) for b, r in questions.items()}
