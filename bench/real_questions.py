@@ -1,8 +1,9 @@
 """Did the specialist learn its documents? Real FAQ questions, never trained on, base vs specialist.
 
 For each dev domain this bench
-1. fetches Debian documentation packages with `apt-get download` (run `apt-get update` once first) and unpacks them
-   with `dpkg-deb -x`, both cached under ~/.cache/slmforge/real_questions/ (`--cache`), never in the repository:
+1. fetches Debian documentation packages with `apt-get download` (after one `apt-get update` when a package is
+   not found) and unpacks them with `dpkg-deb -x`, both cached under ~/.cache/slmforge/real_questions/ (`--cache`),
+   never in the repository:
        r        r-doc-html: the R manuals are the corpus, R-FAQ.html is held out as the questions
        debian   debian-reference-en is the corpus, debian-faq (another package) gives the questions
        sqlite   sqlite3-doc: every page but faq.html is the corpus (optional, --domains sqlite)
@@ -33,7 +34,8 @@ Usage:
     python bench/real_questions.py --domains r --skip-build RUN_DIR   # score an existing run (runs/<name>)
     python bench/real_questions.py --set sft.max_steps=64       # recipe overrides for every build (ablations)
 
-Open-book scoring (retrieval from the corpus) plugs in at `contexts_for()`: score_mcq takes one context per item.
+Open-book scoring (retrieval from the training corpus) is not here yet: it would pass `contexts` (one retrieved
+passage per item, prepended to the prompt by score_mcq) where run_domain sets them to None, and add its columns.
 """
 
 from __future__ import annotations
@@ -101,11 +103,15 @@ def fetch_package(package: str, cache: Path) -> Path:
         return root
     debs.mkdir(parents=True, exist_ok=True)
     found = sorted(debs.glob(f"{package}_*.deb"))
-    if not found:
+    for attempt in ("download", "after apt-get update"):
+        if found:
+            break
+        if attempt != "download":  # an empty or stale package list: refresh it once, then try again
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
         proc = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True, text=True)
         found = sorted(debs.glob(f"{package}_*.deb"))
-        if proc.returncode != 0 or not found:
-            sys.exit(f"apt-get download {package} failed (run `apt-get update` first?):\n{proc.stderr[-2000:]}")
+    if not found:
+        sys.exit(f"apt-get download {package} failed (is `apt-get update` possible here?):\n{proc.stderr[-2000:]}")
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -230,27 +236,50 @@ def specialist_of(run_dir: Path) -> tuple[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def contexts_for(rows: list[dict], open_book: bool) -> list[str] | None:
-    """Closed-book: None. Open-book (retrieval over the training corpus) is not built yet; it returns one context
-    per row here and score_mcq prepends it to the question."""
-    if open_book:
-        raise NotImplementedError("open-book scoring needs the corpus index (retrieval), which does not exist yet")
-    return None
+def model_identity(spec: str) -> str:
+    """sha256 of the model folder's config and weights: a retrained model never reuses an older model's scores."""
+    from slmforge.models import resolve_model
+
+    folder = Path(resolve_model(spec))
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
+        h.update(path.name.encode())
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
 
 
-def score_model(spec: str, rows: list[dict], contexts, batch_size: int) -> tuple[list[dict], float]:
+def score_model(spec: str, rows: list[dict], contexts, batch_size: int, cache: Path | None = None) -> tuple[list[dict], float]:
+    """score_mcq of one model on the rows; cached in `cache` by model content, rows, contexts and scoring code."""
+    import inspect
+
     import torch
 
+    from slmforge.evaluate import questions as questions_module
     from slmforge.evaluate.questions import score_mcq
     from slmforge.models import load_causal_lm, load_tokenizer
 
+    key = hashlib.sha256(json.dumps({"model": model_identity(spec), "rows": rows, "contexts": contexts,
+                                     "batch_size": batch_size, "code": inspect.getsource(questions_module)},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    cached = cache / f"{key}.json" if cache else None
+    if cached and cached.is_file():
+        data = json.loads(cached.read_text())
+        return data["scores"], data["seconds"]
     start = time.perf_counter()
     model, tok = load_causal_lm(spec), load_tokenizer(spec)
     model.eval()
     with torch.no_grad():
         scored = score_mcq(model, tok, rows, batch_size=batch_size, contexts=contexts)
     del model
-    return scored, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"spec": spec, "seconds": seconds, "scores": scored}))
+        tmp.replace(cached)
+    return scored, seconds
 
 
 def compare(rows: list[dict], base: list[dict], spec: list[dict]) -> dict:
@@ -342,10 +371,10 @@ def run_domain(domain: Domain, args) -> dict:
 
     questions = load_questions(questions_path)
     rows = mcq_items(questions, seed=0, n_options=4, option_words=30)
-    contexts = contexts_for(rows, open_book=False)
-    base, base_s = score_model("default", rows, contexts, args.batch_size)
+    contexts = None  # closed-book; open-book scoring passes one retrieved passage (from the corpus) per row here
+    base, base_s = score_model("default", rows, contexts, args.batch_size, work / "score_cache")
     log(f"[{domain.name}] base scored in {base_s:.0f} s")
-    spec, spec_s = score_model(str(model_dir), rows, contexts, args.batch_size)
+    spec, spec_s = score_model(str(model_dir), rows, contexts, args.batch_size, work / "score_cache")
     log(f"[{domain.name}] specialist ({stage}) scored in {spec_s:.0f} s")
     result = compare(rows, base, spec)
     result.update(build_s=sum(stages.values()), build_wall_s=wall, stage_s=stages, specialist=f"{stage}: {model_dir}",
