@@ -264,6 +264,11 @@ class EvalConfig(Section):
         "auto", description="ask in the model's chat template (lm-eval apply_chat_template): auto = the open-answer kinds "
         "(qa, summary) when the base has a template, as an instruct model is used; cloze, mcq and perplexity stay plain")
     samples: int = Field(4, ge=0, description="held-out questions whose generations the report shows, base vs each stage")
+    questions: Path | None = Field(None, description="your own questions, never trained on (JSONL or CSV: question, answer, "
+                                   "optional section, id), relative to the recipe; scored as multiple choice, and the "
+                                   "training data is decontaminated against them")
+    question_options: int = Field(4, ge=2, le=10, description="options per question (distractors = other items' answers)")
+    question_option_words: int = Field(30, ge=1, description="every option is cut to this many words")
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -468,7 +473,7 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     for key in ("documents", "run_dir"):
         if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
             data[key] = str((base / data[key]).resolve())
-    nested = [("dapt", "general_dataset")] + [(stage, "accelerate_config") for stage in ("dapt", "sft", "dpo")]
+    nested = [("dapt", "general_dataset"), ("eval", "questions")] + [(stage, "accelerate_config") for stage in ("dapt", "sft", "dpo")]
     for section, key in nested:
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and value and not Path(value).is_absolute():

@@ -163,12 +163,21 @@ def test_mcq_scores_agree_with_lm_eval_cli_and_by_hand(tiny_model, tmp_path):
     names, _ = write_tasks(task_dir, "slmforge_t", {"mcq": data}, {})
     ours = score_model("tiny", str(tiny_model), task_dir, "slmforge_t", ["mcq"], batch_size=4, seed=0)["scores"]["mcq"]
 
+    # the exported folder names its data relative to itself: move both folders elsewhere, run from yet another directory
+    assert str(tmp_path) not in (task_dir / "mcq.yaml").read_text() and "../benchmarks/mcq.jsonl" in (task_dir / "mcq.yaml").read_text()
+    moved = tmp_path / "moved" / "eval"
+    moved.mkdir(parents=True)
+    (tmp_path / "benchmarks").rename(moved / "benchmarks")
+    task_dir.rename(moved / "lm_eval")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
     # lm-eval's own command line on the exported task folder (offline), loading the model itself
     out = tmp_path / "cli"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_model},dtype=float32",
-                    "--device", "cpu", "--batch_size", "1", "--include_path", str(task_dir), "--tasks", names[0],
-                    "--output_path", str(out)], check=True, env=env, cwd=tmp_path, capture_output=True, timeout=600)
+                    "--device", "cpu", "--batch_size", "1", "--include_path", str(moved / "lm_eval"), "--tasks", names[0],
+                    "--output_path", str(out)], check=True, env=env, cwd=elsewhere, capture_output=True, timeout=600)
     cli = json.loads(next(out.rglob("results_*.json")).read_text())["results"][names[0]]
     assert ours["acc"]["value"] == pytest.approx(cli["acc,none"], abs=1e-9)
     assert ours["acc_norm"]["value"] == pytest.approx(cli["acc_norm,none"], abs=1e-9)
@@ -208,8 +217,17 @@ def _fake_run(tmp_path: Path, tiny_model: Path) -> tuple[Path, RunDir]:
         "name": "evaltest", "documents": str(docs), "run_dir": str(tmp_path / "runs"), "base_model": str(tiny_model),
         "eval": {"teacher": False, "items": {"mcq": 12, "cloze": 8, "qa": 5, "summary": 2}, "perplexity_words": 300,
                  "general_mcq_items": 12, "general_text_words": 200, "max_new_tokens": {"cloze": 4, "qa": 8, "summary": 8},
-                 "batch_size": 8},
+                 "batch_size": 8, "questions": "faq.jsonl"},
     }))
+    faq = [("How do I create a unique index?", "Use CREATE UNIQUE INDEX on the column; duplicates then raise an error.", "Indexes"),
+           ("Can a bitmap scan combine two indexes?", "Yes: the planner ANDs or ORs the bitmaps of several index scans.", "Indexes"),
+           ("How do I delete every row of a table?", "DELETE FROM the table without WHERE, or TRUNCATE it for speed.", "SQL"),
+           ("What does a generated column store?", "A value computed from other columns, written when the row changes.", "SQL"),
+           ("Which type stores a point on a plane?", "The point type stores a pair of floating-point coordinates.", "Types"),
+           ("Can XML values be checked for well-formedness?", "Yes: the xml type checks input values when they are stored.", "Types"),
+           ("How do I add a column to a table?", "ALTER TABLE ... ADD COLUMN with the name and type of the new column.", "SQL"),
+           ("Why is my index not used?", "The planner estimated a sequential scan to be cheaper for that query.", "Indexes")]
+    (tmp_path / "faq.jsonl").write_text("".join(json.dumps({"question": q, "answer": a, "section": sec}) + "\n" for q, a, sec in faq))
     run = RunDir(tmp_path / "runs" / "evaltest")
     from slmforge.ingest.readers import read_file
 
@@ -247,15 +265,34 @@ def test_eval_stage_freezes_benchmarks_writes_table_and_report(tiny_model, tmp_p
     assert results["benchmarks"]["mcq"]["chance"] == pytest.approx(0.25)
     assert all(d == 0 for d in results["forgetting"]["sft"].values())
 
+    # your questions: frozen, scored for both models, paired, with the no-model references beside them
+    q = results["benchmarks"]["questions"]
+    assert q["n"] == 8 and q["file"] == "benchmarks/questions.jsonl" and (ev / q["file"]).is_file()
+    assert set(results["scores"]["base"]["questions"]) == {"acc_norm", "acc", "acc_norm_char", "answer_ppl"}
+    assert results["scores"]["base"]["questions"]["answer_ppl"]["value"] > 1
+    assert set(results["references"]["questions"]) == {"chance", "word_overlap", "longest_option"}
+    assert results["references"]["questions"]["chance"]["acc"] == pytest.approx(0.25)
+    assert q["training_overlap"]["overlapping"] == 0 and q["removed_from_training"] is None
+    # paired verdicts on every row: identical weights are never distinguishable from the base
+    for bench, metrics in results["paired"]["sft"].items():
+        for metric, p in metrics.items():
+            assert p["verdict"] == "not distinguishable" and p["diff"] == 0 and p["n"] == results["benchmarks"][bench]["n"]
+    assert set(results["paired"]["sft"]) == set(results["benchmarks"])
+
     table = (ev / "table.md").read_text()
-    assert "| benchmark | n | chance | base | sft |" in table and "mcq acc ↑" in table and "(+0.000)" in table
+    assert "| benchmark | n | chance | base | sft |" in table and "mcq acc ↑" in table and "questions acc_norm ↑" in table
+    assert "Δ +0.000 [+0.000, +0.000] p=1 → not distinguishable" in table and "Δ nats/word +0.000" in table
+    assert "questions acc: word overlap (no model)" in table and "questions acc: longest option (no model)" in table
+    n_domain = len([b for b in results["benchmarks"] if not b.startswith("general_")])
+    assert f"It beats the base on 0 of {n_domain}, not distinguishable on {n_domain}" in table
     for yaml_file in (ev / "lm_eval").glob("*.yaml"):
         if not yaml_file.name.startswith("_group"):
-            assert str(ev / "benchmarks") in yaml_file.read_text()  # exported tasks point at the published files
+            assert f"../benchmarks/{yaml_file.stem}.jsonl" in yaml_file.read_text()  # beside the published files, relative
     assert (ev / "lm_eval" / "slmforge_metrics.py").is_file()
     assert len(read_jsonl(ev / "predictions" / "sft.jsonl")) == sum(m["n"] for m in results["benchmarks"].values())
     html = (run.root / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 3  # funnel, benchmark bars, general bars, loss curves
+    assert html.count("data:image/png;base64,") >= 4  # funnel, paired differences, benchmark bars, general bars, loss curves
+    assert 'alt="paired differences from the base"' in html and "Your questions" in html and "(no model)" in html
     assert "Sample generations" in html and "Forgetting check" in html and "slmforge run report: evaltest" in html
 
     # frozen: a forced rerun rebuilds identical benchmark files (same hashes) and reuses the cached scores

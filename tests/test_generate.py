@@ -283,3 +283,40 @@ def test_generate_stage_end_to_end_with_tiny_teacher(tmp_path, tiny_model, monke
     assert sum(calls) == 0
     assert [i.id for i in read_jsonl(out / "items.jsonl", Item)] == [i.id for i in items]
     assert run.execute(GenerateStage(), recipe).skipped
+
+
+def test_generate_drops_training_rows_that_share_ngrams_with_eval_questions(tmp_path):
+    """eval.questions are never trained on: items and pretraining rows sharing a 13-gram with a question or answer go."""
+    from slmforge.generate.stage import GenerateStage
+
+    runs = _fake_run(tmp_path, 30, [])
+    train = _chunks(demo_curate() / "train.jsonl", 30)
+    # the team's FAQ happens to quote the manual: two answers are sentences of training chunks, verbatim
+    quoted = [s for c in train[:12] for s in sentences(c.text) if len(s.split()) >= 16][:2]
+    assert len(quoted) == 2
+    faq = tmp_path / "faq.csv"
+    faq.write_text("question,answer\n" + "".join(f'"What does the manual say, part {i}?","{s}"\n' for i, s in enumerate(quoted))
+                   + '"Is this unrelated?","Yes, this answer shares nothing with the manual at all."\n')
+    recipe = build_recipe({"name": "t", "documents": str(ROOT / "examples/postgres/docs"), "run_dir": str(runs),
+                           "generate": {"enabled": True, "teacher": {"backend": "none"}},
+                           "eval": {"questions": "faq.csv"}}, base_dir=tmp_path)
+    assert recipe.eval.questions == faq  # relative to the recipe, like every path
+    run = RunDir(recipe.run_path)
+    outcome = run.execute(GenerateStage(), recipe)
+    out = run.stage_dir("generate")
+    rejected = [r for r in read_jsonl(out / "rejected.jsonl") if r["reason"] == "question_overlap"]
+    report = json.loads((out / "report.json").read_text())["questions_decontamination"]
+    assert rejected and report["items_removed"] + report["pretrain_rows_removed"] == len(rejected)
+    # the unrelated question cannot be hit; a quoted one only where a generator used that sentence
+    assert 1 <= report["questions_hit"] <= 2 and outcome.manifest["counts"]["question_overlap"] == {
+        k: report[k] for k in ("items_removed", "pretrain_rows_removed", "questions_hit")}
+    summary = dict(GenerateStage().summary_rows(outcome.manifest["counts"]))
+    assert summary["removed: overlap with eval.questions"].startswith(f"{report['items_removed']} items")
+    guarded = set().union(*(ngrams(s, 13) for s in quoted))
+    texts = [t for i in read_jsonl(out / "items.jsonl", Item) for t in item_texts(i)]
+    texts += [r["text"] for r in read_jsonl(out / "pretrain.jsonl")]
+    texts += [m["content"] for r in read_jsonl(out / "sft.jsonl") for m in r["messages"]]
+    assert texts and all(guarded.isdisjoint(ngrams(t, 13)) for t in texts)
+    # the questions are part of the stage's key: editing them reruns generate
+    faq.write_text(faq.read_text() + '"Another?","Another answer that is new."\n')
+    assert not run.execute(GenerateStage(), recipe).skipped

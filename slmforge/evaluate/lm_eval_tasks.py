@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args pretrained=MODEL --device cpu \
         --include_path runs/<name>/eval/lm_eval --tasks slmforge_<name>
+    # data paths are relative to the task folder (../benchmarks/...): move runs/ anywhere, run from any directory
     # open-answer tasks asked in the model's chat format (eval.chat_template: auto/true) form a second group:
     ... --tasks slmforge_<name>_chat --apply_chat_template
 
@@ -10,6 +11,7 @@ The same folder is what `slmforge eval` itself runs, so our numbers are lm-eval'
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -58,8 +60,16 @@ SPECS: dict[str, Spec] = {
     "general_ppl": Spec("loglikelihood_rolling", ("word_perplexity", "bits_per_byte"),
                         lower_is_better=("word_perplexity", "bits_per_byte"),
                         description="general explanatory text (MMLU explanations, MIT): forgetting check"),
+    # scored by evaluate/questions.py on lm-eval's HFLM.loglikelihood, not exported as a task (lm-eval's acc_norm is the
+    # per-character one; this row also normalises per token and reports the gold answer's perplexity)
+    "questions": Spec("multiple_choice", ("acc_norm", "acc", "acc_norm_char", "answer_ppl"),
+                      binary=("acc_norm", "acc", "acc_norm_char"), lower_is_better=("answer_ppl",),
+                      template="Question: {{question}}\nAnswer:",
+                      description="your questions (eval.questions), 4-way multiple choice, distractors = other items' "
+                                  "answers (closed book)"),
 }
 GENERAL = ("general_mcq", "general_ppl")
+NOT_EXPORTED = ("questions",)  # benchmarks scored outside lm-eval's task runner
 
 
 def task_name(prefix: str, bench: str) -> str:
@@ -78,12 +88,23 @@ def asked_in_chat(bench: str, chat_template: bool | str, has_template: bool = Tr
     return chat_template is True or chat_template == "auto"
 
 
-def task_config(name: str, bench: str, data_file: Path, max_gen_toks: int, chat: bool = False) -> str:
+def relative_to_folder(data_file: Path, folder: Path) -> str:
+    """The data file's path from the task folder (posix), so moving both together keeps the task working."""
+    try:
+        return Path(os.path.relpath(data_file.resolve(), folder.resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return str(data_file.resolve())
+
+
+def task_config(name: str, bench: str, data_file: Path, max_gen_toks: int, chat: bool = False, folder: Path | None = None) -> str:
+    """One task's YAML. With `folder` (where the YAML is written), the data path is relative to it and loaded by
+    slmforge_metrics.load_local (lm-eval would resolve it against the working directory instead)."""
     spec = SPECS[bench]
+    data_path = relative_to_folder(data_file, folder) if folder is not None else str(data_file.resolve())
     cfg: dict = {
         "task": name,
         "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
+        "dataset_kwargs": {"data_files": {"test": data_path}},
         "test_split": "test",
         "output_type": spec.output_type,
     }
@@ -99,7 +120,9 @@ def task_config(name: str, bench: str, data_file: Path, max_gen_toks: int, chat:
         cfg["metric_list"] = [{"metric": m} for m in spec.metrics]  # lm-eval's own (weighted) perplexity aggregations
     cfg["metadata"] = {"version": 1, "description": spec.description, "apply_chat_template": chat}
     text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, width=1000)
-    if spec.process:  # yaml.safe_dump cannot write lm-eval's `!function` tag
+    if folder is not None:  # yaml.safe_dump cannot write lm-eval's `!function` tag
+        text += f"custom_dataset: !function {METRICS_MODULE}.load_local\n"
+    if spec.process:
         text += f"process_results: !function {METRICS_MODULE}.{spec.process}\n"
     return text
 
@@ -115,7 +138,7 @@ def write_tasks(folder: Path, prefix: str, data_files: dict[str, Path], max_gen_
     plain, chatted = [], []
     for bench, data_file in data_files.items():
         name = task_name(prefix, bench)
-        text = task_config(name, bench, data_file, max_gen_toks.get(bench, 32), chat=bench in chat)
+        text = task_config(name, bench, data_file, max_gen_toks.get(bench, 32), chat=bench in chat, folder=folder)
         atomic_write_text(folder / f"{bench}.yaml", text)
         (chatted if bench in chat else plain).append(name)
     for path, group, names in ((folder / "_group.yaml", prefix, plain), (folder / "_group_chat.yaml", f"{prefix}_chat", chatted)):

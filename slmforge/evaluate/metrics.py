@@ -86,6 +86,20 @@ def mean_ci(values: list[float], binary: bool, seed: int = 0) -> dict:
     return {"value": value, "ci": [lo, hi], "n": n}
 
 
+# ----------------------------------------------------------------------------- lm-eval `custom_dataset` hook
+# lm-eval hands `dataset_kwargs.data_files` to datasets.load_dataset, which resolves relative paths against the working
+# directory. Exported tasks instead name `custom_dataset: !function slmforge_metrics.load_local` and give their data
+# files relative to the task folder: this copy of the module lives in that folder, so `__file__` anchors them and the
+# folder can be moved (with the benchmarks beside it) or run from anywhere.
+def load_local(data_files: dict | None = None, **_metadata):
+    import datasets
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    files = {split: str(here / path) for split, path in (data_files or {}).items()}
+    return datasets.load_dataset("json", data_files=files)
+
+
 # ----------------------------------------------------------------------------- lm-eval `process_results` hooks
 # Exported task YAMLs point at these (`process_results: !function slmforge_metrics.process_qa`); `doc` is an Item row
 # and `results` holds the one generated string (generate_until).

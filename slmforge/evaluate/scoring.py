@@ -92,11 +92,25 @@ def summarize(bench: str, samples: list[dict], seed: int = 0) -> tuple[dict, lis
     return out, items
 
 
+def summarize_questions(scored: list[dict], rows: list[dict], seed: int = 0) -> tuple[dict, list[dict]]:
+    """The questions benchmark's {metric: {value, ci, n}} and per-item rows from evaluate.questions.score_mcq."""
+    from slmforge.evaluate.questions import answer_perplexity
+
+    out = {m: mean_ci([s[m] for s in scored], binary=True, seed=seed) for m in ("acc_norm", "acc", "acc_norm_char")}
+    # perplexity of the gold answers given their questions; CI by resampling items, as for document perplexity
+    value, ci = _perplexity_ci([(-s["gold_nll"], s["gold_tokens"]) for s in scored], seed=seed)
+    out["answer_ppl"] = {"value": answer_perplexity(scored), "ci": ci, "n": len(scored)}
+    items = [{**{k: s[k] for k in ("id", "acc", "acc_norm", "acc_norm_char", "gold_nll", "gold_tokens", "pred_index")},
+              "answer_index": r["answer_index"]} for s, r in zip(scored, rows)]
+    return out, items
+
+
 def score_model(name: str, spec: str, task_dir: Path, prefix: str, benches: list[str], *, batch_size: int, seed: int,
-                chat: tuple[str, ...] = ()) -> dict:
+                chat: tuple[str, ...] = (), questions: list[dict] | None = None) -> dict:
     """Load one model (folder, HF id or 'default'), run every benchmark, return JSON-able scores and per-item rows.
 
     Benchmarks in `chat` are asked through the model's chat template (one more lm-eval pass on the same loaded model).
+    `questions` (rows of evaluate.questions.mcq_items) are scored on the same loaded model as the `questions` benchmark.
     """
     from slmforge.models import device_defaults, load_causal_lm, load_tokenizer
 
@@ -116,6 +130,11 @@ def score_model(name: str, spec: str, task_dir: Path, prefix: str, benches: list
         task = task_name(prefix, bench)
         scores[bench], items[bench] = summarize(bench, samples[task], seed)
         engine[bench] = {k: v for k, v in engine_results[task].items() if isinstance(v, (int, float)) and "," in k}
+    if questions:
+        from slmforge.evaluate.questions import score_mcq
+
+        scored = score_mcq(model, tokenizer, questions, batch_size=batch_size)
+        scores["questions"], items["questions"] = summarize_questions(scored, questions, seed)
     del model
     return {"model": name, "spec": spec, "scores": scores, "items": items, "lm_eval": engine,
             "seconds": round(time.time() - started, 2)}

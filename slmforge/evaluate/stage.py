@@ -18,9 +18,10 @@ from collections import Counter
 
 from slmforge.console import console, track
 from slmforge.evaluate import benchmarks as bm
-from slmforge.evaluate.compare import markdown_table, rich_table, rows, worse_than_base
+from slmforge.evaluate.compare import beats_base, markdown_table, paired_results, rich_table, rows, worse_than_base
 from slmforge.evaluate.decontaminate import NgramIndex
 from slmforge.evaluate.lm_eval_tasks import GENERAL, SPECS, asked_in_chat, safe_prefix, write_tasks
+from slmforge.evaluate.questions import questions_input, training_overlap
 from slmforge.records import Chunk, Document, Item
 from slmforge.run import (Stage, StageContext, atomic_write_json, atomic_write_jsonl, atomic_write_text, cached_unit, hash_obj,
                           read_jsonl, sha256_file)
@@ -54,6 +55,7 @@ class EvalStage(Stage):
             out[label] = run.manifest(label.split("/")[0])["outputs"][label.split("/")[1]]
         for name, (_, identity) in model_specs(recipe, run).items():
             out[f"model:{name}"] = identity
+        out.update(questions_input(recipe))
         return out
 
     # ------------------------------------------------------------------------------------------------ run
@@ -67,13 +69,14 @@ class EvalStage(Stage):
                              "so some documents are kept for evaluation")
         frozen = self._benchmarks(ctx, chunks)
         data_files, meta = self._freeze(ctx, frozen, documents)
+        questions = freeze_questions(ctx, meta)
         built_s = time.time() - started
 
         prefix = safe_prefix(recipe.name)
         has_template = base_has_chat_template(recipe.base_model)
         chat = {b for b in data_files if asked_in_chat(b, cfg.chat_template, has_template)}
-        final_bench = run.stage_dir(self.name) / "benchmarks"  # where the exported tasks find their data after publish
-        write_tasks(ctx.out / "lm_eval", prefix, {b: final_bench / p.name for b, p in data_files.items()}, cfg.max_new_tokens, chat)
+        # exported tasks name their data relative to their own folder (../benchmarks/...): right before and after publish
+        write_tasks(ctx.out / "lm_eval", prefix, data_files, cfg.max_new_tokens, chat)
         task_dir = ctx.scratch / "tasks"  # the same tasks pointing at this attempt's files, for scoring now
         write_tasks(task_dir, prefix, data_files, cfg.max_new_tokens, chat)
 
@@ -91,12 +94,15 @@ class EvalStage(Stage):
                             "seed": recipe.seed})
             console.print(f"  scoring {name} ({spec}) on {len(data_files)} benchmarks", highlight=False)
             scored = cached_unit(scores_cache, key, lambda: self._score(name, spec, task_dir, prefix, list(data_files), cfg,
-                                                                       recipe.seed, chat), stats)
+                                                                       recipe.seed, chat, questions), stats)
             results["models"].append({"name": name, "path": spec, "seconds": scored["seconds"]})
             results["scores"][name] = scored["scores"]
             results["lm_eval"][name] = scored["lm_eval"]
             predictions[name] = [{"bench": b, **row} for b, item_rows in scored["items"].items() for row in item_rows]
             atomic_write_jsonl(ctx.out / "predictions" / f"{name}.jsonl", predictions[name])
+        results["paired"] = paired_results(predictions, [m["name"] for m in results["models"]], recipe.seed)
+        if questions:
+            results["references"] = {"questions": question_references(questions, recipe.seed)}
         results["forgetting"] = forgetting(results)
         results["seconds"] = {"benchmarks": round(built_s, 2), "total": round(time.time() - started, 2)}
         atomic_write_json(ctx.out / "results.json", results)
@@ -114,10 +120,11 @@ class EvalStage(Stage):
         path = write_report(run, results, predictions, cfg.samples, extra_timings={"eval": time.time() - started})
         console.print(f"  report → {path}")
 
-    def _score(self, name, spec, task_dir, prefix, benches, cfg, seed, chat) -> dict:
+    def _score(self, name, spec, task_dir, prefix, benches, cfg, seed, chat, questions=None) -> dict:
         from slmforge.evaluate.scoring import score_model
 
-        return score_model(name, spec, task_dir, prefix, benches, batch_size=cfg.batch_size, seed=seed, chat=tuple(sorted(chat)))
+        return score_model(name, spec, task_dir, prefix, benches, batch_size=cfg.batch_size, seed=seed, chat=tuple(sorted(chat)),
+                           questions=questions)
 
     # ------------------------------------------------------------------------------------------------ benchmarks
     def _benchmarks(self, ctx: StageContext, chunks: list[Chunk]) -> dict:
@@ -190,6 +197,46 @@ class EvalStage(Stage):
         return out
 
 
+def freeze_questions(ctx: StageContext, meta: dict) -> list[dict] | None:
+    """eval.questions -> multiple-choice rows frozen into benchmarks/questions.jsonl (its sha256 joins meta, so every
+    score's cache key); None when no questions are configured."""
+    from slmforge.evaluate.questions import load_questions, mcq_items
+
+    cfg = ctx.recipe.eval
+    if cfg.questions is None:
+        return None
+    questions = load_questions(cfg.questions)
+    rows_ = mcq_items(questions, seed=ctx.recipe.seed, n_options=cfg.question_options, option_words=cfg.question_option_words)
+    path = ctx.out / "benchmarks" / "questions.jsonl"
+    atomic_write_jsonl(path, rows_)
+    overlap = training_overlap(questions, bm.training_artifacts(ctx.run), cfg.decontamination.ngram)
+    generate = ctx.run.manifest("generate")
+    removed = ((generate or {}).get("counts") or {}).get("question_overlap")
+    meta["questions"] = {
+        "file": f"benchmarks/{path.name}", "sha256": sha256_file(path), "n": len(rows_),
+        "chance": sum(1 / len(r["choices"]) for r in rows_) / len(rows_), "description": SPECS["questions"].description,
+        "source": str(cfg.questions), "sections": len({r["section"] for r in rows_}),
+        "built": (f"your file {cfg.questions.name}: {len(rows_)} questions; each scored as {cfg.question_options}-way multiple "
+                  f"choice whose distractors are other questions' answers (same section first, seeded per item id), "
+                  f"options cut to {cfg.question_option_words} words; log-likelihood of ' option' after "
+                  "'Question: …\\nAnswer:' (closed book)"),
+        "training_overlap": overlap, "removed_from_training": removed,
+    }
+    return rows_
+
+
+def question_references(rows_: list[dict], seed: int) -> dict:
+    """{name: {acc, ci, n, description}}: answers picked with no model (chance, word overlap, longest option)."""
+    from slmforge.evaluate.metrics import wilson_ci
+    from slmforge.evaluate.questions import references
+
+    out = {}
+    for name, ref in references(rows_, seed).items():
+        ci = wilson_ci(ref["acc"] * len(rows_), len(rows_))
+        out[name] = {"acc": ref["acc"], "ci": list(ci), "n": len(rows_), "description": ref["description"]}
+    return out
+
+
 def base_has_chat_template(spec: str) -> bool:
     """Whether the base model's tokenizer has a chat template (trained stages keep the base's)."""
     from slmforge.models import load_tokenizer
@@ -221,7 +268,7 @@ def headline(results: dict) -> dict[str, str]:
             continue
         parts = []
         for m, cell in r["cells"].items():
-            flag = " (worse)" if worse_than_base(r, m) else ""
+            flag = " (worse)" if worse_than_base(r, m) else " (beats)" if beats_base(r, m) else ""
             parts.append(f"{m} {cell['value']:.3g}{flag}")
         out[f"{r['bench']} {r['metric']}"] = " · ".join(parts)
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 
+from slmforge.evaluate.questions import drop_question_overlap, questions_input
 from slmforge.generate.formats import dpo_rows, pretrain_rows, sft_rows
 from slmforge.generate.pipeline import MODEL_KINDS, make_items
 from slmforge.generate.teachers import make_teacher
@@ -41,7 +42,8 @@ class GenerateStage(Stage):
     version = "1"
 
     def inputs(self, recipe, run):
-        return {"train": run.artifact_hash("curate", "train.jsonl"), "heldout": run.artifact_hash("curate", "heldout.jsonl")}
+        return {"train": run.artifact_hash("curate", "train.jsonl"), "heldout": run.artifact_hash("curate", "heldout.jsonl"),
+                **questions_input(recipe)}
 
     def run(self, ctx: StageContext) -> None:
         cfg, recipe = ctx.recipe.generate, ctx.recipe
@@ -64,6 +66,8 @@ class GenerateStage(Stage):
                 rejected.append({"kind": row["kind"], "chunk_id": row["chunk_id"], "origin": row["teacher"], "reason": "heldout_overlap"})
             else:
                 pretrain.append(row)
+        items, pretrain, question_rejects, questions = drop_question_overlap(recipe, items, pretrain)  # eval.questions
+        rejected += question_rejects
         sft, dpo = sft_rows(items), dpo_rows(items)
 
         atomic_write_jsonl(ctx.out / "items.jsonl", items)
@@ -78,9 +82,12 @@ class GenerateStage(Stage):
             teacher_failures=sum(r["reason"] == "teacher_error" for r in rejected),
             acceptance={k: v["rate"] for k, v in per_generator.items()},
         )
+        if questions:
+            ctx.counts["question_overlap"] = {k: questions[k] for k in ("items_removed", "pretrain_rows_removed", "questions_hit")}
         atomic_write_json(ctx.out / "report.json", {
             "counts": ctx.counts, "per_generator": per_generator,
             "reasons": dict(Counter(r["reason"] for r in rejected).most_common()),
+            "questions_decontamination": questions,
             "seconds": round(time.time() - started, 1),
         })
 
@@ -89,4 +96,8 @@ class GenerateStage(Stage):
                 ("items (by kind)", f"{c['items']:,} (" + ", ".join(f"{k} {v}" for k, v in sorted(c["by_kind"].items())) + ")"),
                 ("pretrain / sft / dpo rows", f"{c['pretrain_rows']:,} / {c['sft_rows']:,} / {c['dpo_rows']:,}"),
                 ("rejected (teacher failures)", f"{c['rejected']:,} ({c['teacher_failures']})")]
+        if "question_overlap" in c:
+            q = c["question_overlap"]
+            rows.append(("removed: overlap with eval.questions", f"{q['items_removed']} items, {q['pretrain_rows_removed']} "
+                         f"pretrain rows ({q['questions_hit']} questions)"))
         return rows + [(f"accepted: {k}", f"{v:.0%}") for k, v in c["acceptance"].items()]

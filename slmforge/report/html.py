@@ -20,7 +20,7 @@ CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}.worse{color:#b00}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}.worse{color:#b00}.better{color:#1a7f1a}
 .muted{color:#777}pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:12px;max-height:420px}
 img{max-width:100%}details{margin:.3em 0}.gen td{max-width:320px;white-space:pre-wrap}
 """
@@ -85,26 +85,35 @@ def _funnel_section(manifests: dict, run=None) -> str:
 def _eval_section(results: dict | None) -> str:
     if not results:
         return '<h2>Evaluation</h2><p class="muted">not evaluated yet: run <code>slmforge eval</code></p>'
-    from slmforge.evaluate.compare import cell_text, label, rows, verdict, worse_than_base
+    from slmforge.evaluate.compare import beats_base, cell_text, label, reference_rows, rows, verdict, worse_than_base
 
     models = [m["name"] for m in results["models"]]
     table_rows = rows(results)
     body = []
     for r in table_rows:
         cells = [_td(label(r)), _td(r["n"], True), _td("" if r["chance"] is None else f"{r['chance']:.3f}", True)]
-        cells += [_td(cell_text(r["cells"].get(m)), True, "worse" if worse_than_base(r, m) else "") for m in models]
+        cells += [_td(cell_text(r["cells"].get(m)), True, "worse" if worse_than_base(r, m) else "better" if beats_base(r, m) else "")
+                  for m in models]
         body.append(cells)
+    for name, n, text in reference_rows(results):
+        body.append([_td(name), _td(n, True), _td(""), _td(text, True), *[_td("") for _ in models[1:]]])
     html = ["<h2>Evaluation: base vs stages</h2>",
-            "<p>Value [95% CI] (change from base); red = worse than base. Benchmarks come only from held-out documents "
-            "and are frozen (sha256 below); every model is scored on identical items by lm-evaluation-harness.</p>",
+            "<p>Value [95% CI] · Δ = paired difference from the base on the same items [paired-bootstrap 95% CI] (p = exact "
+            "McNemar for accuracies) → BEATS only when the CI lies on the better side of 0, WORSE on the other side, else "
+            "not distinguishable; green = BEATS, red = WORSE. Rows marked (no model) pick answers without any model. "
+            "Benchmarks come only from held-out documents (or your questions) and are frozen (sha256 below); every model "
+            "is scored on identical items with lm-evaluation-harness.</p>",
             f"<p><b>{escape(verdict(results))}</b></p>",
             _table(["benchmark", "n", "chance", *models], body),
+            _img(plots.paired_differences(table_rows, models), "paired differences from the base"),
             _img(plots.benchmark_bars([r for r in table_rows if not r["general"]], models), "domain benchmarks")]
     general = [r for r in table_rows if r["general"]]
     if general:
         html += ["<h3>Forgetting check (general ability, not domain data)</h3>", _img(plots.benchmark_bars(general, models), "general")]
-    bench_rows = [[_td(b), _td(m["n"], True), _td(m.get("description", "")), _td(m["sha256"][:16])] for b, m in results["benchmarks"].items()]
+    bench_rows = [[_td(b), _td(m["n"], True), _td(m.get("built") or m.get("description", "")), _td(m["sha256"][:16])]
+                  for b, m in results["benchmarks"].items()]
     html += ["<h3>Frozen benchmarks</h3>", _table(["benchmark", "items", "what", "sha256"], bench_rows)]
+    html.append(_questions_note(results))
     d = results.get("decontamination", {})
     if d:
         html.append(f"<h3>Decontamination</h3><p>{d.get('dropped', 0)} candidate items dropped: ≥ {d.get('max_overlap')} of their "
@@ -116,6 +125,26 @@ def _eval_section(results: dict | None) -> str:
     timing = [[_td(m["name"]), _td(m["path"]), _td(f"{m['seconds']:.1f}s", True)] for m in results["models"]]
     html += ["<h3>Scoring time per model</h3>", _table(["model", "from", "seconds"], timing)]
     return "".join(html)
+
+
+def _questions_note(results: dict) -> str:
+    """Your questions: how they were kept out of training, and how much of them the training files still contain."""
+    q = results.get("benchmarks", {}).get("questions")
+    if not q:
+        return ""
+    text = [f"Your questions ({q['n']} from {q.get('source', '')}): {q.get('built', '')}."]
+    removed = q.get("removed_from_training")
+    if removed:
+        text.append(f"The generate stage removed {removed['items_removed']} training items and {removed['pretrain_rows_removed']} "
+                    f"pretraining rows sharing a long n-gram with {removed['questions_hit']} of them.")
+    elif removed is None:
+        text.append("The generate stage has not run with these questions (no synthetic data was decontaminated against them).")
+    o = q.get("training_overlap") or {}
+    if o:
+        text.append(f"{o['overlapping']} of {q['n']} questions (question + answer) still share {o['ngram']}-word n-grams with "
+                    f"the training files (max share {o['max']:.0%}); the documents themselves (curate/train.jsonl) are "
+                    "trained on verbatim, so keep FAQ pages out of the documents folder.")
+    return "<h3>Your questions</h3><p>" + escape(" ".join(text)) + "</p>"
 
 
 def _samples_section(predictions: dict[str, list[dict]], models: list[str], n: int) -> str:

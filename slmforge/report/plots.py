@@ -52,6 +52,39 @@ def benchmark_bars(table_rows: list[dict], models: list[str]) -> str | None:
     return to_data_uri(fig)
 
 
+VERDICT_COLORS = {"BEATS": "#2ca02c", "WORSE": "#d62728"}  # anything else (not distinguishable): grey
+
+
+def paired_differences(table_rows: list[dict], models: list[str]) -> str | None:
+    """Forest plot: each model's paired difference from the base with its 95% CI, one line per benchmark metric,
+    a panel per unit (score points, nats/word, ...); green = BEATS, red = WORSE, grey = not distinguishable."""
+    panels: dict[str, list[tuple[str, dict]]] = {}
+    for r in table_rows:
+        arrow = "↓" if r["better"] == "lower" else "↑"
+        for m in models[1:]:
+            p = (r["cells"].get(m) or {}).get("paired")
+            if p:
+                panels.setdefault(p.get("unit") or "score", []).append((f"{r['bench']} {r['metric']} {arrow} · {m}", p))
+    if not panels:
+        return None
+    plt = _plt()
+    heights = [0.32 * len(v) + 0.9 for v in panels.values()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (unit, lines) in zip(axes.flat, panels.items()):
+        for y, (_, p) in enumerate(lines):
+            color = VERDICT_COLORS.get(p["verdict"], "#7f7f7f")
+            ax.errorbar(p["diff"], y, xerr=[[max(0.0, p["diff"] - p["ci"][0])], [max(0.0, p["ci"][1] - p["diff"])]],
+                        fmt="o", color=color, capsize=3, ms=4)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(lines)), [name for name, _ in lines], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"difference from base ({unit}), paired 95% CI", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    return to_data_uri(fig)
+
+
 def loss_curves(histories: dict[str, list[dict]]) -> str | None:
     """Training (and eval, when logged) loss per step for each stage's Trainer log_history."""
     series = {s: h for s, h in histories.items() if any("loss" in e or "eval_loss" in e for e in h)}
