@@ -45,7 +45,6 @@ import fnmatch
 import glob
 import hashlib
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -250,6 +249,12 @@ def model_identity(spec: str) -> str:
     return h.hexdigest()
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package.replace("_", "-"))
+
+
 def score_model(spec: str, rows: list[dict], contexts, batch_size: int, cache: Path | None = None) -> tuple[list[dict], float]:
     """score_mcq of one model on the rows; cached in `cache` by model content, rows, contexts and scoring code."""
     import inspect
@@ -260,9 +265,10 @@ def score_model(spec: str, rows: list[dict], contexts, batch_size: int, cache: P
     from slmforge.evaluate.questions import score_mcq
     from slmforge.models import load_causal_lm, load_tokenizer
 
+    code = [questions_module.PROMPT, inspect.getsource(questions_module.prompt_of), inspect.getsource(score_mcq)]
     key = hashlib.sha256(json.dumps({"model": model_identity(spec), "rows": rows, "contexts": contexts,
-                                     "batch_size": batch_size, "code": inspect.getsource(questions_module)},
-                                    sort_keys=True).encode()).hexdigest()[:24]
+                                     "batch_size": batch_size, "code": code, "lm_eval": _version("lm_eval"),
+                                     "torch": _version("torch")}, sort_keys=True).encode()).hexdigest()[:24]
     cached = cache / f"{key}.json" if cache else None
     if cached and cached.is_file():
         data = json.loads(cached.read_text())
@@ -284,33 +290,23 @@ def score_model(spec: str, rows: list[dict], contexts, batch_size: int, cache: P
 
 def compare(rows: list[dict], base: list[dict], spec: list[dict]) -> dict:
     from slmforge.evaluate.paired import paired_diff
-    from slmforge.evaluate.questions import references
+    from slmforge.evaluate.questions import answer_perplexity, item_nll, references
 
     def mean(xs):
         return sum(xs) / len(xs) if xs else float("nan")
 
-    def ppl(scored):
-        tokens = sum(s["gold_tokens"] for s in scored)
-        return math.exp(sum(s["gold_nll"] for s in scored) / tokens) if tokens else float("nan")
-
     a, b = [s["acc_norm"] for s in base], [s["acc_norm"] for s in spec]
     acc = paired_diff(a, b, binary=True)
-    nll = paired_diff([s["gold_nll"] / max(1, s["gold_tokens"]) for s in base],
-                      [s["gold_nll"] / max(1, s["gold_tokens"]) for s in spec], higher_is_better=False)
+    nll = paired_diff(item_nll(base), item_nll(spec), higher_is_better=False)
     refs = references(rows)
-    word_overlap = refs["word_overlap"]
     return {"n": len(rows), "acc_norm_base": mean(a), "acc_norm_specialist": mean(b), "acc_norm_diff": acc["diff"],
             "acc_norm_diff_ci95": acc["ci"], "acc_norm_verdict": acc["verdict"], "acc_norm_p_mcnemar": acc["p_mcnemar"],
             "acc_norm_flips": [acc["b_better"], acc["a_better"]],
             "acc_base": mean([s["acc"] for s in base]), "acc_specialist": mean([s["acc"] for s in spec]),
-            "answer_ppl_base": ppl(base), "answer_ppl_specialist": ppl(spec),
+            "answer_ppl_base": answer_perplexity(base), "answer_ppl_specialist": answer_perplexity(spec),
             "answer_nll_diff": nll["diff"], "answer_nll_diff_ci95": nll["ci"], "answer_nll_verdict": nll["verdict"],
-            "lexical_reference": word_overlap["acc"] if isinstance(word_overlap, dict) else float(word_overlap),
-            "chance": _acc(refs["chance"]), "longest_option": _acc(refs["longest_option"])}
-
-
-def _acc(ref) -> float:
-    return ref["acc"] if isinstance(ref, dict) else float(ref)
+            "lexical_reference": refs["word_overlap"]["acc"], "chance": refs["chance"]["acc"],
+            "longest_option": refs["longest_option"]["acc"]}
 
 
 RESULT_KEYS = ("n", "acc_norm_base", "acc_norm_specialist", "acc_norm_diff", "acc_norm_diff_ci95",

@@ -251,3 +251,26 @@ def test_recipe_is_the_init_starter_with_training_enabled(tmp_path):
     recipe = load_recipe(recipe_path)
     assert recipe.preset == "demo" and recipe.documents == corpus
     assert recipe.enabled_stages() == ["ingest", "curate", "generate", "dapt", "sft", "dpo"]
+
+
+def test_compare_pairs_items_and_reports_the_result_keys():
+    from slmforge.evaluate.questions import Question, mcq_items
+
+    questions = [Question(id=f"q{i}", question=f"How do I configure option{i}?", answer=f"Set option{i} in the file {i}.",
+                          section="s") for i in range(40)]
+    rows = mcq_items(questions, seed=0)
+
+    def scored(right: set[int], nll: float):
+        return [{"id": r["id"], "acc": float(i in right), "acc_norm": float(i in right), "acc_norm_char": 0.0,
+                 "gold_nll": nll * 10, "gold_tokens": 10, "pred_index": 0} for i, r in enumerate(rows)]
+
+    base = scored(set(range(10)), 3.0)
+    same = rq.compare(rows, base, base)
+    assert same["acc_norm_diff"] == 0 and same["acc_norm_verdict"] == "not distinguishable"
+    better = rq.compare(rows, base, scored(set(range(40)), 2.0))
+    assert better["acc_norm_base"] == 0.25 and better["acc_norm_specialist"] == 1.0
+    assert better["acc_norm_verdict"] == "BEATS" and better["acc_norm_diff_ci95"][0] > 0
+    assert better["answer_nll_verdict"] == "BEATS"  # lower NLL on every item
+    assert abs(better["answer_ppl_base"] - 2.718281828 ** 3) < 1e-6
+    assert better["lexical_reference"] == 1.0  # "option{i}" is in both the question and only its own answer
+    assert set(rq.RESULT_KEYS) - {"build_s"} <= set(better)
