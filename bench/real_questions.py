@@ -1,0 +1,405 @@
+"""Did the specialist learn its documents? Real FAQ questions, never trained on, base vs specialist.
+
+For each dev domain this bench
+1. fetches Debian documentation packages with `apt-get download` (after one `apt-get update` when a package is
+   not found) and unpacks them with `dpkg-deb -x`, both cached under ~/.cache/slmforge/real_questions/ (`--cache`),
+   never in the repository:
+       r        r-doc-html: the R manuals are the corpus, R-FAQ.html is held out as the questions
+       debian   debian-reference-en is the corpus, debian-faq (another package) gives the questions
+       sqlite   sqlite3-doc: every page but faq.html is the corpus (optional, --domains sqlite)
+       git      git-doc: the HTML pages but gitfaq.* are the corpus (optional, --domains git)
+2. parses the FAQ into question/answer items (bench/faq_parsing.py says how per format, and the drop rules: headings
+   that are not questions, empty answers, answers that only point elsewhere, too short, duplicates); kept items go to
+   <cache>/<domain>/questions.jsonl, dropped ones with their reason to dropped.jsonl;
+3. copies the corpus files into <cache>/<domain>/corpus/ and checks that no FAQ file is there (by name and by
+   content hash): the FAQ never reaches training;
+4. builds a specialist from that corpus alone with the default CPU recipe: what `slmforge init` writes, plus
+   generate, dapt, sft and dpo enabled (demo preset; eval and export are not needed here), `slmforge build` in its
+   own process; an unchanged rerun is skipped by slmforge's own cache, and build_s is the sum of the stages'
+   manifest times either way;
+5. scores the base model and the specialist (the last trained stage) on the FAQ items as 4-way multiple choice with
+   slmforge.evaluate.questions (distractors are other FAQ answers, options cut to 30 words, log-likelihood of
+   ` {option}` after `Question: {q}\\nAnswer:`), closed-book: the model sees the question only. The paired
+   difference of acc_norm (per-token normalised accuracy) has a paired-bootstrap 95% CI and an exact McNemar p
+   (slmforge.evaluate.paired); the gold answer's perplexity is compared per item too (NLL per token).
+
+It prints a readable table and ends with exactly one line
+    RESULT {"domains": {NAME: {"n", "acc_norm_base", "acc_norm_specialist", "acc_norm_diff", "acc_norm_diff_ci95",
+                               "answer_ppl_base", "answer_ppl_specialist", "lexical_reference", "build_s"}}}
+lexical_reference is the no-model word-overlap accuracy (the option sharing most content words with the question).
+
+Usage:
+    python bench/real_questions.py                              # r and debian
+    python bench/real_questions.py --domains r,debian,sqlite,git
+    python bench/real_questions.py --domains r --skip-build RUN_DIR   # score an existing run (runs/<name>)
+    python bench/real_questions.py --set sft.max_steps=64       # recipe overrides for every build (ablations)
+
+Open-book scoring (retrieval from the training corpus) is not here yet: it would pass `contexts` (one retrieved
+passage per item, prepended to the prompt by score_mcq) where run_domain sets them to None, and add its columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import faq_parsing  # noqa: E402  (bench/faq_parsing.py, beside this file)
+
+DEFAULT_CACHE = Path.home() / ".cache" / "slmforge" / "real_questions"
+TRAINING_STAGES = ("ingest", "curate", "generate", "dapt", "sft", "dpo")
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    packages: tuple[str, ...]
+    corpus_globs: tuple[str, ...]  # relative to the unpacked root of the corpus package
+    corpus_package: str
+    faq_package: str
+    faq_globs: tuple[str, ...]     # the FAQ files, relative to the unpacked root of the FAQ package
+    holdout: tuple[str, ...]       # file-name patterns that must never be in the corpus
+    parser: str                    # a function of faq_parsing
+    require_question: bool = True  # heading-based FAQs: drop headings that are not questions
+    faq_exclude: tuple[str, ...] = field(default=())
+
+
+DOMAINS = {
+    "r": Domain("r", ("r-doc-html",), ("usr/share/R/doc/manual/*.html",), "r-doc-html", "r-doc-html",
+                ("usr/share/R/doc/manual/R-FAQ.html",), ("R-FAQ*",), "texinfo_html"),
+    "debian": Domain("debian", ("debian-reference-en", "debian-faq"), ("usr/share/debian-reference/*.en.html",),
+                     "debian-reference-en", "debian-faq", ("usr/share/doc/debian/FAQ/*.en.html",), ("*faq*", "*FAQ*"),
+                     "docbook_html", faq_exclude=("index.en.html",)),  # index: the table of contents only
+    "sqlite": Domain("sqlite", ("sqlite3-doc",), ("usr/share/doc/sqlite3/**/*.html",), "sqlite3-doc", "sqlite3-doc",
+                     ("usr/share/doc/sqlite3/faq.html",), ("faq.html",), "sqlite_faq", require_question=False),
+    "git": Domain("git", ("git-doc",), ("usr/share/doc/git-doc/**/*.html",), "git-doc", "git-doc",
+                  ("usr/share/doc/git-doc/gitfaq.txt",), ("gitfaq.*",), "asciidoc_faq", require_question=False),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ fetch
+def fetch_package(package: str, cache: Path) -> Path:
+    """`apt-get download` the package's .deb into <cache>/debs (once) and unpack it to <cache>/unpacked/<package>."""
+    debs, root = cache / "debs", cache / "unpacked" / package
+    if (root / ".complete").is_file():
+        return root
+    debs.mkdir(parents=True, exist_ok=True)
+    found = sorted(debs.glob(f"{package}_*.deb"))
+    for attempt in ("download", "after apt-get update"):
+        if found:
+            break
+        if attempt != "download":  # an empty or stale package list: refresh it once, then try again
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+        proc = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True, text=True)
+        found = sorted(debs.glob(f"{package}_*.deb"))
+    if not found:
+        sys.exit(f"apt-get download {package} failed (is `apt-get update` possible here?):\n{proc.stderr[-2000:]}")
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    subprocess.run(["dpkg-deb", "-x", str(found[-1]), str(root)], check=True)
+    (root / ".complete").write_text(found[-1].name)
+    return root
+
+
+def _files(root: Path, patterns: tuple[str, ...], exclude: tuple[str, ...] = ()) -> list[Path]:
+    out = sorted({Path(p) for pat in patterns for p in glob.glob(str(root / pat), recursive=True) if Path(p).is_file()})
+    return [p for p in out if not any(fnmatch.fnmatch(p.name, x) for x in exclude)]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ questions
+def parse_faq(domain: Domain, faq_files: list[Path], out_dir: Path) -> tuple[Path, dict]:
+    """FAQ files -> <out_dir>/questions.jsonl (kept) and dropped.jsonl (with reasons); returns the path and counts."""
+    parse = getattr(faq_parsing, domain.parser)
+    items = []
+    for path in faq_files:
+        items += parse(path.read_text(encoding="utf-8", errors="strict"), path.name)
+    kept, dropped = faq_parsing.screen(items, require_question=domain.require_question)
+    if not kept:
+        sys.exit(f"{domain.name}: no FAQ item kept from {', '.join(str(p) for p in faq_files)} "
+                 f"({len(items)} parsed); the page format may have changed")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    questions = out_dir / "questions.jsonl"
+    with questions.open("w", encoding="utf-8") as fh:
+        for item in kept:
+            fh.write(json.dumps(item, ensure_ascii=False) + "\n")
+    with (out_dir / "dropped.jsonl").open("w", encoding="utf-8") as fh:
+        for item in dropped:
+            fh.write(json.dumps(item, ensure_ascii=False) + "\n")
+    reasons: dict[str, int] = {}
+    for item in dropped:
+        reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+    return questions, {"parsed": len(items), "kept": len(kept), "dropped": len(dropped), "dropped_by_reason": reasons}
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+def build_corpus(domain: Domain, corpus_root: Path, faq_files: list[Path], out: Path) -> dict:
+    """Copy the corpus files (relative paths kept) into `out`, then prove no FAQ file is among them."""
+    files = _files(corpus_root, domain.corpus_globs, exclude=domain.holdout)
+    if not files:
+        sys.exit(f"{domain.name}: no corpus files match {domain.corpus_globs} under {corpus_root}")
+    if out.exists():
+        shutil.rmtree(out)
+    for src in files:
+        dst = out / src.relative_to(corpus_root)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    assert_no_faq(out, faq_files, domain.holdout)
+    return {"files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+
+
+def assert_no_faq(corpus: Path, faq_files: list[Path], holdout: tuple[str, ...]) -> None:
+    """Refuse a corpus folder holding an FAQ file: by name (the hold-out patterns) or by content (byte-identical)."""
+    faq_hashes = {_sha256(p): p for p in faq_files}
+    for path in corpus.rglob("*"):
+        if not path.is_file():
+            continue
+        if any(fnmatch.fnmatch(path.name, pat) for pat in holdout):
+            raise RuntimeError(f"FAQ file {path} is in the training corpus {corpus}; the FAQ must never be trained on")
+        if (h := _sha256(path)) in faq_hashes:
+            raise RuntimeError(f"{path} in the training corpus is a copy of the FAQ file {faq_hashes[h]}")
+
+
+# ------------------------------------------------------------------------------------------------ build
+def write_recipe(domain: Domain, corpus: Path, work: Path) -> Path:
+    """`slmforge init` (the default starter recipe) plus generate/dapt/sft/dpo enabled: the default CPU recipe."""
+    recipe = work / "recipe.yaml"
+    if recipe.exists():
+        recipe.unlink()
+    from slmforge.cli import init  # the `slmforge init` command itself
+
+    init(recipe, documents=str(corpus), name=f"real-{domain.name}")
+    with recipe.open("a", encoding="utf-8") as fh:
+        fh.write("\n# added by bench/real_questions.py: train a specialist (eval and export are not needed here)\n"
+                 "generate:\n  enabled: true\ndapt:\n  enabled: true\nsft:\n  enabled: true\ndpo:\n  enabled: true\n")
+    return recipe
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "SLMFORGE_QUIET": "1"}
+
+
+def build(recipe: Path, runs: Path, overrides: list[str], log_path: Path) -> float:
+    cmd = [sys.executable, "-m", "slmforge.cli", "build", str(recipe), "--set", f"run_dir={runs}"]
+    for item in overrides:
+        cmd += ["--set", item]
+    start = time.perf_counter()
+    with log_path.open("w", encoding="utf-8") as fh:
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env()).returncode
+    if code != 0:
+        sys.exit(f"build failed ({' '.join(cmd)}), exit {code}; the end of {log_path}:\n"
+                 f"{log_path.read_text(encoding='utf-8', errors='replace')[-3000:]}")
+    return time.perf_counter() - start
+
+
+def stage_seconds(run_dir: Path) -> dict[str, float]:
+    """Each training stage's own time, from its manifest (so a cached rerun still reports what the build cost)."""
+    out = {}
+    for stage in TRAINING_STAGES:
+        manifest = run_dir / stage / "manifest.json"
+        if manifest.is_file():
+            out[stage] = float(json.loads(manifest.read_text())["seconds"])
+    return out
+
+
+def specialist_of(run_dir: Path) -> tuple[str, Path]:
+    from slmforge.run import RunDir
+
+    trained = RunDir(run_dir).trained_models()
+    if not trained:
+        sys.exit(f"{run_dir}: no trained model (dapt/sft/dpo) finished in this run")
+    stage = list(trained)[-1]
+    return stage, trained[stage]
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def model_identity(spec: str) -> str:
+    """sha256 of the model folder's config and weights: a retrained model never reuses an older model's scores."""
+    from slmforge.models import resolve_model
+
+    folder = Path(resolve_model(spec))
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
+        h.update(path.name.encode())
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package.replace("_", "-"))
+
+
+def score_model(spec: str, rows: list[dict], contexts, batch_size: int, cache: Path | None = None) -> tuple[list[dict], float]:
+    """score_mcq of one model on the rows; cached in `cache` by model content, rows, contexts and scoring code."""
+    import inspect
+
+    import torch
+
+    from slmforge.evaluate import questions as questions_module
+    from slmforge.evaluate.questions import score_mcq
+    from slmforge.models import load_causal_lm, load_tokenizer
+
+    code = [questions_module.PROMPT, inspect.getsource(questions_module.prompt_of), inspect.getsource(score_mcq)]
+    key = hashlib.sha256(json.dumps({"model": model_identity(spec), "rows": rows, "contexts": contexts,
+                                     "batch_size": batch_size, "code": code, "lm_eval": _version("lm_eval"),
+                                     "torch": _version("torch")}, sort_keys=True).encode()).hexdigest()[:24]
+    cached = cache / f"{key}.json" if cache else None
+    if cached and cached.is_file():
+        data = json.loads(cached.read_text())
+        return data["scores"], data["seconds"]
+    start = time.perf_counter()
+    model, tok = load_causal_lm(spec), load_tokenizer(spec)
+    model.eval()
+    with torch.no_grad():
+        scored = score_mcq(model, tok, rows, batch_size=batch_size, contexts=contexts)
+    del model
+    seconds = time.perf_counter() - start
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"spec": spec, "seconds": seconds, "scores": scored}))
+        tmp.replace(cached)
+    return scored, seconds
+
+
+def compare(rows: list[dict], base: list[dict], spec: list[dict]) -> dict:
+    from slmforge.evaluate.paired import paired_diff
+    from slmforge.evaluate.questions import answer_perplexity, item_nll, references
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    a, b = [s["acc_norm"] for s in base], [s["acc_norm"] for s in spec]
+    acc = paired_diff(a, b, binary=True)
+    nll = paired_diff(item_nll(base), item_nll(spec), higher_is_better=False)
+    refs = references(rows)
+    return {"n": len(rows), "acc_norm_base": mean(a), "acc_norm_specialist": mean(b), "acc_norm_diff": acc["diff"],
+            "acc_norm_diff_ci95": acc["ci"], "acc_norm_verdict": acc["verdict"], "acc_norm_p_mcnemar": acc["p_mcnemar"],
+            "acc_norm_flips": [acc["b_better"], acc["a_better"]],
+            "acc_base": mean([s["acc"] for s in base]), "acc_specialist": mean([s["acc"] for s in spec]),
+            "answer_ppl_base": answer_perplexity(base), "answer_ppl_specialist": answer_perplexity(spec),
+            "answer_nll_diff": nll["diff"], "answer_nll_diff_ci95": nll["ci"], "answer_nll_verdict": nll["verdict"],
+            "lexical_reference": refs["word_overlap"]["acc"], "chance": refs["chance"]["acc"],
+            "longest_option": refs["longest_option"]["acc"]}
+
+
+RESULT_KEYS = ("n", "acc_norm_base", "acc_norm_specialist", "acc_norm_diff", "acc_norm_diff_ci95",
+               "answer_ppl_base", "answer_ppl_specialist", "lexical_reference", "build_s")
+
+
+def _r(x, nd=4):
+    return [round(v, nd) for v in x] if isinstance(x, (list, tuple)) else round(x, nd) if isinstance(x, float) else x
+
+
+def print_table(results: dict) -> None:
+    lines = ["", "| domain | n | base acc_norm | specialist acc_norm | paired diff [95% CI], McNemar p | verdict "
+             "| answer ppl base → spec | item NLL/token diff [95% CI] | word overlap | longest | chance | build s |",
+             "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|"]
+    for name, r in results.items():
+        lo, hi = r["acc_norm_diff_ci95"]
+        nlo, nhi = r["answer_nll_diff_ci95"]
+        lines.append(
+            f"| {name} | {r['n']} | {r['acc_norm_base']:.3f} | {r['acc_norm_specialist']:.3f} "
+            f"| {r['acc_norm_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], p={r['acc_norm_p_mcnemar']:.2f} "
+            f"| {r['acc_norm_verdict']} | {r['answer_ppl_base']:.1f} → {r['answer_ppl_specialist']:.1f} "
+            f"| {r['answer_nll_diff']:+.3f} [{nlo:+.3f}, {nhi:+.3f}] ({r['answer_nll_verdict']}) "
+            f"| {r['lexical_reference']:.3f} | {r['longest_option']:.3f} | {r['chance']:.3f} | {r['build_s']:.0f} |")
+    log("\n".join(lines))
+    for name, r in results.items():
+        f = r["faq"]
+        log(f"{name}: FAQ items parsed {f['parsed']}, kept {f['kept']}, dropped {f['dropped']} {f['dropped_by_reason']}; "
+            f"corpus {r['corpus']['files']} files, {r['corpus']['bytes'] / 1e6:.1f} MB; specialist = {r['specialist']}; "
+            f"stage seconds {r['stage_s']}")
+
+
+# ------------------------------------------------------------------------------------------------ main
+def run_domain(domain: Domain, args) -> dict:
+    cache, work = Path(args.cache), Path(args.cache) / domain.name
+    roots = {p: fetch_package(p, cache) for p in domain.packages}
+    faq_files = _files(roots[domain.faq_package], domain.faq_globs, exclude=domain.faq_exclude)
+    if not faq_files:
+        sys.exit(f"{domain.name}: no FAQ file matches {domain.faq_globs} in {domain.faq_package}")
+    questions_path, faq_counts = parse_faq(domain, faq_files, work)
+    log(f"[{domain.name}] FAQ: {faq_counts}")
+    corpus = work / "corpus"
+    corpus_counts = build_corpus(domain, roots[domain.corpus_package], faq_files, corpus)
+    log(f"[{domain.name}] corpus: {corpus_counts['files']} files, {corpus_counts['bytes'] / 1e6:.1f} MB in {corpus}")
+
+    if args.skip_build:
+        run_dir = Path(args.skip_build)
+        wall = None
+    else:
+        recipe = write_recipe(domain, corpus, work)
+        log(f"[{domain.name}] building the specialist (log: {work / 'build.log'})")
+        wall = build(recipe, Path(args.runs), args.set or [], work / "build.log")
+        run_dir = Path(args.runs) / f"real-{domain.name}"
+        log(f"[{domain.name}] build finished in {wall:.0f} s")
+    stages = stage_seconds(run_dir)
+    stage, model_dir = specialist_of(run_dir)
+
+    from slmforge.evaluate.questions import load_questions, mcq_items
+
+    questions = load_questions(questions_path)
+    rows = mcq_items(questions, seed=0, n_options=4, option_words=30)
+    contexts = None  # closed-book; open-book scoring passes one retrieved passage (from the corpus) per row here
+    base, base_s = score_model("default", rows, contexts, args.batch_size, work / "score_cache")
+    log(f"[{domain.name}] base scored in {base_s:.0f} s")
+    spec, spec_s = score_model(str(model_dir), rows, contexts, args.batch_size, work / "score_cache")
+    log(f"[{domain.name}] specialist ({stage}) scored in {spec_s:.0f} s")
+    result = compare(rows, base, spec)
+    result.update(build_s=sum(stages.values()), build_wall_s=wall, stage_s=stages, specialist=f"{stage}: {model_dir}",
+                  faq=faq_counts, corpus=corpus_counts, score_s=[round(base_s, 1), round(spec_s, 1)])
+    (work / "scores.json").write_text(json.dumps({"result": result, "base": base, "specialist": spec}, indent=1))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--domains", default="r,debian", help=f"comma-separated, from {', '.join(DOMAINS)}")
+    parser.add_argument("--skip-build", default=None, metavar="RUN_DIR", help="score this existing run (one domain)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="packages, texts, corpus folders and scores")
+    parser.add_argument("--runs", default=None, help="run directory for the builds (default: <cache>/runs)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every build")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    args.runs = args.runs or str(Path(args.cache) / "runs")
+    names = [d.strip() for d in args.domains.split(",") if d.strip()]
+    unknown = [d for d in names if d not in DOMAINS]
+    if unknown or not names:
+        parser.error(f"unknown domain(s) {unknown}; choose from {', '.join(DOMAINS)}")
+    if args.skip_build and len(names) != 1:
+        parser.error("--skip-build RUN_DIR scores one run: give exactly one domain with --domains")
+
+    results = {name: run_domain(DOMAINS[name], args) for name in names}
+    print_table(results)
+    print("RESULT " + json.dumps({"domains": {n: {k: _r(r[k]) for k in RESULT_KEYS} for n, r in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()
