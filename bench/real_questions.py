@@ -183,17 +183,18 @@ def assert_no_faq(corpus: Path, faq_files: list[Path], holdout: tuple[str, ...])
 
 # ------------------------------------------------------------------------------------------------ build
 def write_recipe(domain: Domain, corpus: Path, work: Path) -> Path:
-    """`slmforge init` (the default starter recipe) plus generate/dapt/sft/dpo enabled: the default CPU recipe."""
+    """`slmforge init` (the default starter recipe, which builds the whole pipeline) with eval and export turned off: the
+    bench scores the specialist itself, and exporting it is not needed here."""
     recipe = work / "recipe.yaml"
     if recipe.exists():
         recipe.unlink()
     from slmforge.cli import init  # the `slmforge init` command itself
 
     init(recipe, documents=str(corpus), name=f"real-{domain.name}")
-    with recipe.open("a", encoding="utf-8") as fh:
-        fh.write("\n# added by bench/real_questions.py: train a specialist (eval and export are not needed here)\n"
-                 "generate:\n  enabled: true\ndapt:\n  enabled: true\nsft:\n  enabled: true\ndpo:\n  enabled: true\n")
     return recipe
+
+
+BUILD_OVERRIDES = ("eval.enabled=false", "export.enabled=false")  # passed to `slmforge build --set`
 
 
 def _env() -> dict:
@@ -203,6 +204,8 @@ def _env() -> dict:
 
 def build(recipe: Path, runs: Path, overrides: list[str], log_path: Path) -> float:
     cmd = [sys.executable, "-m", "slmforge.cli", "build", str(recipe), "--set", f"run_dir={runs}"]
+    for item in BUILD_OVERRIDES:
+        cmd += ["--set", item]
     for item in overrides:
         cmd += ["--set", item]
     start = time.perf_counter()

@@ -248,7 +248,7 @@ def test_recipe_is_the_init_starter_with_training_enabled(tmp_path):
     recipe_path = rq.write_recipe(rq.DOMAINS["debian"], corpus, tmp_path)
     text = recipe_path.read_text()
     assert text.startswith(STARTER.format(name="real-debian", documents=corpus))  # what `slmforge init` writes
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, overrides=list(rq.BUILD_OVERRIDES))
     assert recipe.preset == "demo" and recipe.documents == corpus
     assert recipe.enabled_stages() == ["ingest", "curate", "generate", "dapt", "sft", "dpo"]
 
