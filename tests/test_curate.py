@@ -153,3 +153,26 @@ def test_a_filter_removing_over_half_is_a_warning(tmp_path, corpus):
     assert len(warnings) == 1 and "removed 30 of 54" in warnings[0], counts["warnings"]
     quality = next(f for f in report["flow"] if f["filter"] == "quality")
     assert quality["removed"] == 30 and quality["removed"] > quality["input"] / 2
+
+
+def test_curate_that_keeps_next_to_nothing_stops_naming_the_filter(tmp_path, corpus):
+    import random
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+
+    keep = sorted(corpus.rglob("*.txt"))[0].read_text()
+    shutil.rmtree(corpus)
+    corpus.mkdir()
+    (corpus / "good.txt").write_text(keep)
+    words = "index table row column planner vacuum checkpoint replica lock snapshot tuple page buffer query join".split()
+    for i in range(60):  # distinct short notes, under quality.min_words: the quality filter removes all of them
+        rng = random.Random(i)
+        (corpus / f"short{i:02d}.txt").write_text(" ".join(f"{rng.choice(words)}{rng.randint(1, 999)}" for _ in range(9)))
+    recipe = write_recipe(tmp_path, corpus, curate={"heldout_fraction": 0.0})
+    result = CliRunner().invoke(app, ["build", str(recipe), "--until", "curate"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 1 and "kept only" in out and "the quality filter removed 60" in out, out
+    assert not (tmp_path / "runs" / "t" / "curate" / "manifest.json").exists()

@@ -136,7 +136,11 @@ def build_pipeline(cfg, seed: int, chunks: list[Chunk], heldout: set[str], work:
 
 
 class EmptyOutputError(RuntimeError):
-    """A stage would hand nothing to the next one."""
+    """A stage would hand nothing (or next to nothing) to the next one."""
+
+
+NEAR_EMPTY_SHARE = 0.05  # keeping under 5% of the chunks for training is an error, not a warning
+NEAR_EMPTY_MIN_INPUT = 20  # (only for corpora with at least this many chunks: a tiny corpus may be mostly held out)
 
 
 # the recipe setting behind each filter, for "loosen ..." hints
@@ -249,6 +253,13 @@ class CurateStage(Stage):
         )
         if not kept["train"]:  # the next stage would get nothing: stop here, not as a silent empty success
             raise EmptyOutputError(_empty_message(len(chunks), len(kept["heldout"]), flow, work / "excluded"))
+        if len(chunks) >= NEAR_EMPTY_MIN_INPUT and len(kept["train"]) < NEAR_EMPTY_SHARE * len(chunks):  # scraps only
+            worst = max(flow, key=lambda f: f["removed"])
+            raise EmptyOutputError(
+                f"curate kept only {len(kept['train'])} of {len(chunks)} chunks for training (under "
+                f"{NEAR_EMPTY_SHARE:.0%}): the {worst['filter'].replace('_', ' ')} filter removed {worst['removed']} of the "
+                f"{worst['input']} that reached it; loosen curate.{_SETTING[worst['filter']]}. The removed chunks and their "
+                f"reasons are in {work / 'excluded'}")
         if not kept["heldout"] and cfg.heldout_fraction > 0:
             warnings.append(f"no held-out chunks (heldout_fraction {cfg.heldout_fraction} of {len(documents)} documents): "
                             "the eval stage will have nothing to build benchmarks from")
