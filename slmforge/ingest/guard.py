@@ -19,6 +19,7 @@ from typing import Callable
 from slmforge.ingest.readers import ReadError, read_file
 from slmforge.records import Document
 
+STARTUP_TIMEOUT_S = 120.0  # for the reader process to start and say it is ready
 RECURSION_LIMIT = 20_000  # deep but valid nesting (1,000 nested <div>s) is read; deeper nesting is rejected, not fatal
 
 
@@ -44,6 +45,7 @@ def _worker(conn, memory_mb: int, parent: int) -> None:
     threading.stack_size(stack)  # the reader runs in a thread with a stack deep enough for the recursion limit
 
     reader = conn.recv()  # the reader function, pickled by reference
+    conn.send(("ready",))  # start-up (interpreter, imports) is over: the per-file time limit starts with each file
 
     def one(job):
         path, root, fallback = job
@@ -105,6 +107,15 @@ class GuardedReader:
         theirs.close()
         self.conn = Connection(ours.detach())
         self.conn.send(self.reader)
+        try:  # a loaded machine may take seconds to start Python: that must not count against the first file
+            started = self.conn.poll(max(STARTUP_TIMEOUT_S, self.timeout_s)) and self.conn.recv() == ("ready",)
+        except (EOFError, OSError):
+            started = False
+        if not started:
+            code = self.proc.poll()
+            self._kill()
+            raise RuntimeError(f"the ingest reader process did not start ({'exit ' + str(code) if code is not None else 'no answer'}"
+                               f" within {max(STARTUP_TIMEOUT_S, self.timeout_s):g} s)")
 
     def _alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
