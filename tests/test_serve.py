@@ -129,7 +129,7 @@ def test_auth_rejects_bad_or_missing_key(tiny_server):
 
 
 def test_with_a_key_every_route_but_health_needs_it_and_health_shows_no_urls(tiny_engine):
-    fallback = RemoteEngine("http://127.0.0.1:9/v1", "big-model", name="big-model")
+    fallback = OpenAILM("http://127.0.0.1:9/v1", "big-model", name="big-model")
     app = create_app(tiny_engine, ServeConfig(), fallback=fallback, api_key=KEY)
     with running(app) as url:
         root = url.removesuffix("/v1")
