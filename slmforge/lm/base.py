@@ -37,6 +37,21 @@ class LM:
     def describe(self) -> str:
         return type(self).__name__
 
+    def tokenize(self, req: Request) -> list[int]:
+        """The prompt's token ids (in-process backends)."""
+        raise NotImplementedError
+
+    def encode(self, req: Request) -> list[int]:
+        """The prompt's token ids, or the 400 that explains why it cannot be served (in-process backends, which set
+        `max_context`)."""
+        ids = self.tokenize(req)
+        if not ids:
+            raise LMError(400, "the prompt is empty", "prompt")
+        if len(ids) + req.max_tokens > self.max_context:
+            raise LMError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the served context "
+                               f"of {self.max_context} tokens", "max_tokens", "context_length_exceeded")
+        return ids
+
     @property
     def endpoint(self) -> str:
         """Where the answers come from (a URL, a model folder, a GGUF file), for error messages."""

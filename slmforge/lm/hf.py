@@ -116,16 +116,6 @@ class TransformersLM(LM):
                                                      return_dict=True)["input_ids"])
         return list(self.tok(req.prompt)["input_ids"])
 
-    def encode(self, req: Request) -> list[int]:
-        """The prompt's token ids, or the 400 that explains why it cannot be served."""
-        ids = self.tokenize(req)
-        if not ids:
-            raise LMError(400, "the prompt is empty", "prompt")
-        if len(ids) + req.max_tokens > self.max_context:
-            raise LMError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the served context "
-                               f"of {self.max_context} tokens", "max_tokens", "context_length_exceeded")
-        return ids
-
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True) if self.tok is not None else ""
 

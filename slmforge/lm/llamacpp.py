@@ -92,15 +92,6 @@ class LlamaCppLM(LM):
             return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
         return self.llm.tokenize(req.prompt.encode("utf-8"), add_bos=True, special=False) if req.prompt else []
 
-    def encode(self, req: Request) -> list[int]:
-        ids = self.tokenize(req)
-        if not ids:
-            raise LMError(400, "the prompt is empty", "prompt")
-        if len(ids) + req.max_tokens > self.max_context:
-            raise LMError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the served context "
-                               f"of {self.max_context} tokens", "max_tokens", "context_length_exceeded")
-        return ids
-
     def grammar(self, schema: dict):
         from llama_cpp import LlamaGrammar
 
