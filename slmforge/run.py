@@ -192,11 +192,10 @@ def _package_files(module: str) -> list[Path]:
     if path.name == "__init__.py":  # data files beside the modules, and in folders that are not packages themselves
         def data(folder: Path):
             for f in sorted(folder.iterdir()):
-                if f.is_file() and f.suffix not in (".py", ".pyc") and folder == path.parent:
-                    yield f
-                elif f.is_file() and f.suffix != ".pyc" and folder != path.parent:
-                    yield f
-                elif f.is_dir() and f.name != "__pycache__" and not (f / "__init__.py").exists():
+                if f.is_file():  # the package's own .py files are modules, covered by the import walk
+                    if f.suffix != ".pyc" and not (folder == path.parent and f.suffix == ".py"):
+                        yield f
+                elif f.name != "__pycache__" and not (f / "__init__.py").exists():
                     yield from data(f)
         files += list(data(path.parent))
     return files
