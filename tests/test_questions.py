@@ -148,3 +148,29 @@ def test_real_model_base_vs_itself_and_vs_open_book(small_model):
     assert paired_diff([s["acc_norm"] for s in closed], [s["acc_norm"] for s in book], binary=True)["verdict"] == BEATS
     assert paired_diff(item_nll(closed), item_nll(book), higher_is_better=False)["verdict"] == BEATS
     assert answer_perplexity(book) < answer_perplexity(closed)
+
+
+def test_a_model_trained_on_the_answers_beats_its_base(small_model):
+    """The verdict flips when the knowledge is in the weights: a copy of the base, fine-tuned for a few steps on the
+    question-answer pairs (as `Question: q\\nAnswer: a`, the scored format), BEATS the base on the same items."""
+    import copy
+
+    import torch
+
+    base, tok = small_model
+    qs = [Question(id=f"f{i}", question=q, answer=a) for i, (q, a) in enumerate(FACTS)]
+    rows = mcq_items(qs, seed=0)
+    before = score_mcq(base, tok, rows)
+    trained = copy.deepcopy(base).train()
+    batch = tok([f"Question: {q.question}\nAnswer: {q.answer}{tok.eos_token}" for q in qs], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4)
+    torch.manual_seed(0)
+    for _ in range(12):
+        optimizer.zero_grad()
+        trained(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    after = score_mcq(trained.eval(), tok, rows)
+    acc = paired_diff([s["acc_norm"] for s in before], [s["acc_norm"] for s in after], binary=True)
+    assert acc["verdict"] == BEATS, acc
+    assert paired_diff(item_nll(before), item_nll(after), higher_is_better=False)["verdict"] == BEATS
