@@ -32,12 +32,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn(*args: str) -> tuple[str, subprocess.Popen]:
-    """Start this script as the server process; return its /v1 URL once /health answers."""
+def spawn(*args: str, script: str = __file__) -> tuple[str, subprocess.Popen]:
+    """Start `script` (this one by default) as a server process; return its /v1 URL once /health answers."""
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, *args, "--port", str(port)])
+    proc = subprocess.Popen([sys.executable, script, *args, "--port", str(port)])
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while True:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,31 +21,14 @@ from pathlib import Path
 os.environ.setdefault("SLMFORGE_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve as serve_bench  # noqa: E402  (bench/serve.py: the same server start-up, tiny model and percentile)
+from serve import pct, tiny_model  # noqa: E402
 
 
 def spawn(*args: str) -> tuple[str, subprocess.Popen]:
-    """Start this script as a server process; return its /v1 URL once /health answers."""
-    import httpx
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, *args, "--port", str(port)])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return f"{url}/v1", proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"server {args} did not start")
-        time.sleep(0.2)
+    """Start this script as a server process (bench/serve.py's helper); return its /v1 URL once /health answers."""
+    return serve_bench.spawn(*args, script=__file__)
 
 
 def run_server(args) -> None:
@@ -59,30 +41,11 @@ def run_server(args) -> None:
     from slmforge.lm.http import OpenAILM
 
     if args.role == "backend":
-        model, tok = tiny_model(None) if args.model == "tiny" else (load_causal_lm(args.model), load_tokenizer(args.model))
+        model, tok = tiny_model() if args.model == "tiny" else (load_causal_lm(args.model), load_tokenizer(args.model))
         app = create_app(TransformersLM(model, tok, "backend"), ServeConfig())
     else:
         app = create_app(OpenAILM(args.backend_url, "backend", name="router"), ServeConfig(), model_name="router")
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
-
-
-def tiny_model(_folder):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from slmforge.models import resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model("default"))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True,
-                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    return model.eval(), tok
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
 def main() -> None:
