@@ -109,11 +109,17 @@ def _outputs(run_root: Path) -> dict[str, str]:
     return {p.relative_to(run_root).as_posix(): sha256_file(p) for p in files}
 
 
-def test_kill_9_then_resume_gives_identical_output(tmp_path):
+def _numbered_docs(tmp_path: Path, n: int) -> Path:
+    """n distinct two-paragraph text documents, d000.txt ..., for the kill -9 tests."""
     docs = tmp_path / "docs"
     docs.mkdir()
-    for i in range(120):
+    for i in range(n):
         (docs / f"d{i:03d}.txt").write_text(f"Doc {i}\n\n{paragraph(i, 4)}\n\n{paragraph(i + 1000, 4)}\n")
+    return docs
+
+
+def test_kill_9_then_resume_gives_identical_output(tmp_path):
+    docs = _numbered_docs(tmp_path, 120)
     recipe_path = write_recipe(tmp_path, docs, ingest={"chunk_tokens": 128, "chunk_overlap": 16})
 
     reference = _cli(str(recipe_path), "--set", f"run_dir={tmp_path / 'reference'}")
@@ -183,10 +189,7 @@ def _marked(mark: str) -> list[int]:
 def test_kill_9_of_the_build_leaves_no_curate_worker_behind(tmp_path):
     import uuid
 
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(30):
-        (docs / f"d{i:03d}.txt").write_text(f"Doc {i}\n\n{paragraph(i, 4)}\n\n{paragraph(i + 1000, 4)}\n")
+    docs = _numbered_docs(tmp_path, 30)
     recipe_path = write_recipe(tmp_path, docs, curate={"workers": 2, "tasks": 2})
     (tmp_path / "hang_buckets.py").write_text(HANG_BUCKETS)
     marks = tmp_path / "marks"
