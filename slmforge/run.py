@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel
 
@@ -515,18 +515,3 @@ def cached_unit(cache: Path, key: str, compute: Callable[[], Any], stats: dict |
         stats["computed"] = stats.get("computed", 0) + 1
     return result
 
-
-def iter_files(root: Path, include: list[str], exclude: list[str]) -> Iterator[Path]:
-    """Files under root matching any include pattern (by name) and no exclude pattern (by relative path), sorted."""
-    seen = set()
-    for pattern in include:
-        for p in root.rglob(pattern):
-            if p.is_file() and p not in seen:
-                seen.add(p)
-    for p in sorted(seen):
-        rel = p.relative_to(root)
-        if any(rel.match(x) or p.name == x for x in exclude):
-            continue
-        if any(part.startswith(".") for part in rel.parts):
-            continue  # hidden files and folders (.git, editor swap files)
-        yield p
