@@ -18,8 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from slmforge.records import (Chunk, Document, DpoRow, GenerateRejection, Item, Prediction, PretrainRow, Rejection, Record,
-                              SftRow, TextRow)
+from slmforge.records import Chunk, Document, DpoRow, GenerateRejection, Item, PretrainRow, Rejection, Record, SftRow
 
 Role = Literal["train", "eval", "data", "model", "report"]
 
@@ -128,5 +127,3 @@ def gguf_file(run_name: str, gguf_type: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ the run
 REPORT = Artifact(RUN, "report.html", "report", description="the self-contained run report")
-
-ROW_RECORDS: dict[str, type[Record]] = {"text": TextRow, "prediction": Prediction}  # rows inside artifact folders

@@ -144,14 +144,6 @@ class GenerateRejection(Record):
     item: dict[str, Any] | None = None
 
 
-class TextRow(Record):
-    """A text scored for perplexity (held-out documents, general text)."""
-
-    id: str
-    source: str
-    text: str
-
-
 class Prediction(Record):
     """One model's scores (and generation) on one benchmark item: a row of eval/predictions/<model>.jsonl."""
 
