@@ -18,15 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from slmforge.records import Chunk, Document, DpoRow, GenerateRejection, Item, PretrainRow, Rejection, Record, SftRow
+from slmforge.records import (Chunk, Document, DpoRow, GenerateRejection, Item, Passage, PretrainRow, Rejection, Record,
+                              SftRow)
 
 Role = Literal["train", "eval", "data", "model", "report"]
 
 # The stages, by the name of their folder in runs/<name>/ and of their recipe section. Each stage class in
 # slmforge/stages.py takes its name from here; the pipeline order is derived from what each stage needs.
 INGEST, CURATE, GENERATE, DAPT, SFT, DPO, EVAL, EXPORT = "ingest", "curate", "generate", "dapt", "sft", "dpo", "eval", "export"
+INDEX = "index"
 TRAIN_STAGES = (DAPT, SFT, DPO)
-STAGES = (INGEST, CURATE, GENERATE, DAPT, SFT, DPO, EVAL, EXPORT)  # the built-in stages (slmforge/stages.py runs them)
+STAGES = (INGEST, CURATE, INDEX, GENERATE, DAPT, SFT, DPO, EVAL, EXPORT)  # the built-in stages (slmforge/stages.py runs them)
 RUN = ""  # artifacts that belong to the run as a whole (the report), not to one stage
 
 
@@ -62,6 +64,15 @@ HELDOUT_CHUNKS = Artifact(CURATE, "heldout.jsonl", "eval", Chunk, description="c
 HELDOUT_DOCUMENTS = Artifact(CURATE, "heldout_documents.jsonl", "eval", Document, description="the held-out documents")
 CURATE_REMOVED = Artifact(CURATE, "removed", "report", folder=True, description="removed/<filter>.jsonl: dropped chunks")
 CURATE_REPORT = Artifact(CURATE, "report.json", "report")
+
+# ------------------------------------------------------------------------------------------------ index
+PASSAGES = Artifact(INDEX, "passages.jsonl", "data", Passage, description="retrieval passages of the training chunks")
+HELDOUT_PASSAGES = Artifact(INDEX, "heldout_passages.jsonl", "eval", Passage,
+                            description="retrieval passages of the held-out chunks (open-book evaluation, serving)")
+BM25_TRAIN = Artifact(INDEX, "bm25_train", "data", folder=True, description="BM25 index of the training passages")
+BM25_ALL = Artifact(INDEX, "bm25_all", "eval", folder=True,
+                    description="BM25 index of training + held-out passages: what a deployed specialist searches")
+INDEX_REPORT = Artifact(INDEX, "report.json", "report")
 
 # ------------------------------------------------------------------------------------------------ generate
 ITEMS = Artifact(GENERATE, "items.jsonl", "data", Item, description="every accepted generated or extracted item")

@@ -137,6 +137,37 @@ def curate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: 
 
 
 @app.command()
+def index(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
+    """Cut the curated chunks into passages and index them for retrieval (BM25)."""
+    run_stages(recipe, [art.INDEX], set_, force)
+
+
+@app.command()
+def search(recipe: Path = RecipeArg, query: str = typer.Argument(..., help="what to look for"),
+           k: int = typer.Option(5, "-k", help="passages to show"), set_: Optional[list[str]] = SetOpt,
+           training_only: bool = typer.Option(False, "--training-only", help="search the training passages only "
+                                              "(default: training + held-out, as serving does)")):
+    """Print the passages retrieval finds for a query, with their document, section and score."""
+    from slmforge.index import open_index
+
+    quiet_libraries()
+    run = _open_run(_load(recipe, set_))
+    if not run.has(art.BM25_ALL):
+        console.print(f"[red]error:[/red] {run.root} has no retrieval index; run `slmforge index {recipe}` first", highlight=False)
+        raise typer.Exit(1)
+    hits = open_index(run, deployed=not training_only).search(query, k)
+    if not hits:
+        results.print(f"no passage shares a word with {query!r}")
+        return
+    table = Table("#", "score", "document § section", "passage", show_lines=True)
+    for h in hits:
+        p = h.passage
+        text = p.text if len(p.text) <= 400 else p.text[:400] + " …"
+        table.add_row(str(h.rank), f"{h.score:.2f}", f"{p.source} § {p.section}\n[dim]{p.id}[/dim]", text)
+    results.print(table)
+
+
+@app.command()
 def generate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
     """Teacher-written and extractive synthetic data from the curated chunks, each item verified."""
     run_stages(recipe, [art.GENERATE], set_, force)

@@ -118,6 +118,16 @@ from pydantic import SecretStr  # noqa: E402  (generate section only)
 from slmforge.records import ITEM_KINDS as GENERATE_KINDS, ItemKind  # noqa: E402  (the one list of item kinds)
 
 
+class IndexConfig(Section):
+    """Retrieval over the training documents (BM25, bm25s): RAFT training data, open-book evaluation, serving."""
+
+    enabled: bool = True
+    passage_words: int = Field(120, ge=16, le=2000, description="words per retrieval passage (sentence-aligned windows of a chunk)")
+    k: int = Field(2, ge=1, le=20, description="passages put before a question (training, open-book eval, serving)")
+    stemmer: str | None = Field("english", description="Snowball stemmer language (PyStemmer); null = none")
+    stopwords: str | None = Field("en", description="bm25s stop-word list; null = none")
+
+
 class TeacherConfig(Section):
     """Who writes the model-written items. The key is never stored in manifests (excluded from dumps)."""
 
@@ -365,6 +375,7 @@ class Recipe(Section):
     base_model: str = Field("default", description="'default' (SmolLM2-135M-Instruct), an HF id, a folder or a .gguf")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     dapt: DaptConfig = Field(default_factory=DaptConfig)
     sft: SftConfig = Field(default_factory=SftConfig)

@@ -61,6 +61,23 @@ class Chunk(Record):
     n_tokens: int
 
 
+class Passage(Record):
+    """A retrieval unit: a sentence-aligned window of one chunk, small enough that a few fit a small model's prompt."""
+
+    id: str  # "<chunk_id>-p<j>"
+    chunk_id: str
+    doc_id: str
+    source: str
+    title: str
+    section: str  # the innermost specific heading (what a citation names)
+    text: str
+
+    @property
+    def citation(self) -> str:
+        """"[source § section]": how answers and the server cite a passage."""
+        return f"[{self.source} § {self.section}]" if self.section else f"[{self.source}]"
+
+
 class Rejection(Record):
     """A file or record a stage could not use, and why. Rejections are data: counted, listed, kept."""
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib
 
-from slmforge.artifacts import CURATE, DAPT, DPO, EVAL, EXPORT, GENERATE, INGEST, SFT, STAGES
+from slmforge.artifacts import CURATE, DAPT, DPO, EVAL, EXPORT, GENERATE, INDEX, INGEST, SFT, STAGES
 from slmforge.run import Stage, pipeline_order
 
 BUILTIN = {
     INGEST: "slmforge.ingest.stage:IngestStage",
     CURATE: "slmforge.curate.stage:CurateStage",
+    INDEX: "slmforge.index.stage:IndexStage",
     GENERATE: "slmforge.generate.stage:GenerateStage",
     DAPT: "slmforge.train.dapt:DaptStage",
     SFT: "slmforge.train.sft:SftStage",
