@@ -34,8 +34,12 @@ Usage:
     python bench/real_questions.py --domains r --skip-build RUN_DIR   # score an existing run (runs/<name>)
     python bench/real_questions.py --set sft.max_steps=64       # recipe overrides for every build (ablations)
 
-Open-book scoring (retrieval from the training corpus) is not here yet: it would pass `contexts` (one retrieved
-passage per item, prepended to the prompt by score_mcq) where run_domain sets them to None, and add its columns.
+With --open-book each model is also scored open-book: the run's retrieval index (slmforge's index stage: BM25 over
+120-word passages of the corpus documents, the FAQ never among them) gives the top `index.k` passages for each question,
+put before it ("Passages:\n[1] [source § section] text ...\n\nQuestion: ...\nAnswer:"). RESULT then adds
+acc_norm_open_book_base, acc_norm_open_book_specialist, acc_norm_open_book_diff_ci95 (specialist open-book minus base
+open-book), acc_norm_open_vs_closed_base_ci95 (specialist open-book minus base closed-book), answer_coverage (share of
+the gold answer's content words found in the retrieved passages) and the run's recall@k of generated questions.
 """
 
 from __future__ import annotations
@@ -312,8 +316,53 @@ def compare(rows: list[dict], base: list[dict], spec: list[dict]) -> dict:
             "longest_option": refs["longest_option"]["acc"]}
 
 
+def open_book_contexts(run_dir: Path, rows: list[dict], questions) -> tuple[list[str], dict]:
+    """Top-k passages of the run's index per question (k = the recipe's index.k, as serving uses), and retrieval facts."""
+    from slmforge.evaluate.questions import content_words
+    from slmforge.index import open_index
+    from slmforge.index.bm25 import context_of
+    from slmforge.run import RunDir
+
+    run = RunDir(run_dir)
+    try:
+        index = open_index(run, deployed=True)
+    except FileNotFoundError as err:
+        sys.exit(f"{run_dir}: no retrieval index ({err}); build with the index stage enabled")
+    k = json.loads((run_dir / "index" / "manifest.json").read_text()).get("config", {}).get("stage", {}).get("k", 2)
+    answers = {q.id: q.answer for q in questions}
+    hits = index.search_many([r["question"] for r in rows], k)
+    coverage = []
+    for row, h in zip(rows, hits):
+        gold = content_words(answers[row["id"]])
+        seen = set().union(*(content_words(x.passage.text) for x in h)) if h else set()
+        coverage.append(len(gold & seen) / len(gold) if gold else 0.0)
+    report = run_dir / "generate" / "report.json"
+    recall = json.loads(report.read_text()).get("retrieval", {}) if report.is_file() else {}
+    return [context_of(h) for h in hits], {"open_book_k": k, "answer_coverage": sum(coverage) / len(coverage),
+                                           "no_passage": sum(not h for h in hits), "generated_recall": recall}
+
+
+def open_book(rows: list[dict], base_closed: list[dict], base_open: list[dict], spec_open: list[dict]) -> dict:
+    from slmforge.evaluate.paired import paired_diff
+
+    acc = lambda xs: [s["acc_norm"] for s in xs]  # noqa: E731
+    vs_open = paired_diff(acc(base_open), acc(spec_open), binary=True)
+    vs_closed = paired_diff(acc(base_closed), acc(spec_open), binary=True)
+    base_gain = paired_diff(acc(base_closed), acc(base_open), binary=True)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"acc_norm_open_book_base": mean(acc(base_open)), "acc_norm_open_book_specialist": mean(acc(spec_open)),
+            "acc_norm_open_book_diff": vs_open["diff"], "acc_norm_open_book_diff_ci95": vs_open["ci"],
+            "acc_norm_open_book_verdict": vs_open["verdict"], "acc_norm_open_vs_closed_base": vs_closed["diff"],
+            "acc_norm_open_vs_closed_base_ci95": vs_closed["ci"], "acc_norm_open_vs_closed_base_verdict": vs_closed["verdict"],
+            "acc_norm_open_book_base_gain_ci95": base_gain["ci"]}
+
+
 RESULT_KEYS = ("n", "acc_norm_base", "acc_norm_specialist", "acc_norm_diff", "acc_norm_diff_ci95",
                "answer_ppl_base", "answer_ppl_specialist", "lexical_reference", "build_s")
+
+
+OPEN_BOOK_KEYS = ("acc_norm_open_book_base", "acc_norm_open_book_specialist", "acc_norm_open_book_diff_ci95",
+                  "acc_norm_open_vs_closed_base_ci95", "answer_coverage", "generated_recall")
 
 
 def _r(x, nd=4):
@@ -334,6 +383,18 @@ def print_table(results: dict) -> None:
             f"| {r['answer_nll_diff']:+.3f} [{nlo:+.3f}, {nhi:+.3f}] ({r['answer_nll_verdict']}) "
             f"| {r['lexical_reference']:.3f} | {r['longest_option']:.3f} | {r['chance']:.3f} | {r['build_s']:.0f} |")
     log("\n".join(lines))
+    if any("acc_norm_open_book_base" in r for r in results.values()):
+        lines = ["", "| domain | closed base | open base | open specialist | open spec − open base [95% CI] "
+                 "| open spec − closed base [95% CI] | answer words in passages | word overlap |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
+        for name, r in results.items():
+            if "acc_norm_open_book_base" not in r:
+                continue
+            (a, b), (c, d) = r["acc_norm_open_book_diff_ci95"], r["acc_norm_open_vs_closed_base_ci95"]
+            lines.append(f"| {name} | {r['acc_norm_base']:.3f} | {r['acc_norm_open_book_base']:.3f} "
+                         f"| {r['acc_norm_open_book_specialist']:.3f} | {r['acc_norm_open_book_diff']:+.3f} [{a:+.3f}, {b:+.3f}] "
+                         f"({r['acc_norm_open_book_verdict']}) | {r['acc_norm_open_vs_closed_base']:+.3f} [{c:+.3f}, {d:+.3f}] "
+                         f"({r['acc_norm_open_vs_closed_base_verdict']}) | {r['answer_coverage']:.2f} | {r['lexical_reference']:.3f} |")
+        log("\n".join(lines))
     for name, r in results.items():
         f = r["faq"]
         log(f"{name}: FAQ items parsed {f['parsed']}, kept {f['kept']}, dropped {f['dropped']} {f['dropped_by_reason']}; "
@@ -370,12 +431,18 @@ def run_domain(domain: Domain, args) -> dict:
 
     questions = load_questions(questions_path)
     rows = mcq_items(questions, seed=0, n_options=4, option_words=30)
-    contexts = None  # closed-book; open-book scoring passes one retrieved passage (from the corpus) per row here
-    base, base_s = score_model("default", rows, contexts, args.batch_size, work / "score_cache")
+    base, base_s = score_model("default", rows, None, args.batch_size, work / "score_cache")  # closed-book
     log(f"[{domain.name}] base scored in {base_s:.0f} s")
-    spec, spec_s = score_model(str(model_dir), rows, contexts, args.batch_size, work / "score_cache")
+    spec, spec_s = score_model(str(model_dir), rows, None, args.batch_size, work / "score_cache")
     log(f"[{domain.name}] specialist ({stage}) scored in {spec_s:.0f} s")
     result = compare(rows, base, spec)
+    if args.open_book:
+        contexts, retrieval = open_book_contexts(run_dir, rows, questions)
+        base_open, s1 = score_model("default", rows, contexts, args.batch_size, work / "score_cache")
+        spec_open, s2 = score_model(str(model_dir), rows, contexts, args.batch_size, work / "score_cache")
+        log(f"[{domain.name}] open-book scored in {s1:.0f} s (base) and {s2:.0f} s (specialist)")
+        result.update(open_book(rows, base, base_open, spec_open), **retrieval)
+        (work / "open_book.json").write_text(json.dumps({"contexts": contexts, "base": base_open, "specialist": spec_open}))
     result.update(build_s=sum(stages.values()), build_wall_s=wall, stage_s=stages, specialist=f"{stage}: {model_dir}",
                   faq=faq_counts, corpus=corpus_counts, score_s=[round(base_s, 1), round(spec_s, 1)])
     (work / "scores.json").write_text(json.dumps({"result": result, "base": base, "specialist": spec}, indent=1))
@@ -390,6 +457,7 @@ def main() -> None:
     parser.add_argument("--runs", default=None, help="run directory for the builds (default: <cache>/runs)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every build")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--open-book", action="store_true", help="also score both models with retrieved passages")
     args = parser.parse_args()
     args.runs = args.runs or str(Path(args.cache) / "runs")
     names = [d.strip() for d in args.domains.split(",") if d.strip()]
@@ -401,7 +469,8 @@ def main() -> None:
 
     results = {name: run_domain(DOMAINS[name], args) for name in names}
     print_table(results)
-    print("RESULT " + json.dumps({"domains": {n: {k: _r(r[k]) for k in RESULT_KEYS} for n, r in results.items()}}))
+    keys = RESULT_KEYS + (OPEN_BOOK_KEYS if args.open_book else ())
+    print("RESULT " + json.dumps({"domains": {n: {k: _r(r[k]) for k in keys} for n, r in results.items()}}))
 
 
 if __name__ == "__main__":

@@ -128,6 +128,16 @@ class IndexConfig(Section):
     stopwords: str | None = Field("en", description="bm25s stop-word list; null = none")
 
 
+class RaftConfig(Section):
+    """RAFT: each question item becomes a prompt holding its source passage among retrieved distractors."""
+
+    enabled: bool = True
+    p_source: float = Field(0.8, ge=0, le=1, description="share of prompts that hold the source passage (the rest: distractors only)")
+    sft: bool = Field(True, description="RAFT conversations in generate/sft.jsonl")
+    pretrain: bool = Field(True, description="with-source examples as plain text in generate/pretrain.jsonl (mixed training in DAPT)")
+    dpo: bool = Field(True, description="preference pairs: the answer from the source passage over one from a distractor")
+
+
 class TeacherConfig(Section):
     """Who writes the model-written items. The key is never stored in manifests (excluded from dumps)."""
 
@@ -164,6 +174,10 @@ class GenerateConfig(Section):
     )
     extractive: bool = Field(True, description="deterministic items from every chunk (cloze, term MCQ, definitions, term-swap preference)")
     extractive_per_chunk: int = Field(2, ge=0, description="extractive items per kind per chunk (at most)")
+    user_questions: int = Field(4, ge=0, description="facts per chunk asked the way users ask (how-to, what happens if, "
+                                "what for, options), two wordings each plus a reversed form; 0 = off")
+    raft: RaftConfig = Field(default_factory=RaftConfig, description="retrieval-augmented training rows "
+                             "(needs the index stage)")
     teacher_kinds: list[Literal["rephrase", "qa", "mcq", "summary", "preference"]] = Field(
         default_factory=lambda: ["qa", "summary", "rephrase", "preference"],
         description="kinds the teacher writes (when also in kinds); add mcq for a strong teacher, small ones rarely get its format right",
@@ -287,6 +301,8 @@ class EvalConfig(Section):
     doc_questions: int = Field(60, ge=0, description="questions the held-out documents ask themselves (question, how-to, "
                                "FAQ and task headings), worded unlike any training template, scored like eval.questions "
                                "(at most; 0 = none)")
+    open_book: bool = Field(True, description="also score the question benchmarks open-book: the index stage's deployed index "
+                            "(training + held-out passages) puts index.k passages before each question")
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -413,8 +429,10 @@ PRESETS: dict[str, dict] = {
         "curate": {"executor": "local", "tasks": 1, "workers": 1},
         "generate": {"max_chunks": 8, "max_passage_words": 120, "teacher": {"batch_size": 4, "max_new_tokens": 96}},
         # tokens go where the benchmarks are: domain text first (DAPT), then an even mix of the four task formats (SFT)
-        "dapt": {"max_steps": 40, "save_steps": 10},
-        "sft": {"max_per_kind": 100, "max_steps": 32, "max_length": 384, "save_steps": 8},
+        # blocks of 512 tokens (2 per step, the same tokens per step as 4 x 256) keep a RAFT example (passages, question,
+        # answer) in one block; SFT's 512 keeps its answer, which comes last, from being cut
+        "dapt": {"max_steps": 40, "save_steps": 10, "max_length": 512, "batch_size": 2},
+        "sft": {"max_per_kind": 100, "max_steps": 32, "max_length": 512, "batch_size": 3, "save_steps": 8},
         # the demo's teacher is the base model itself: benchmark items written by it would favour it, so the held-out
         # benchmarks are extractive only (correct by construction); with a stronger teacher, set eval.teacher: true
         "eval": {"items": {"mcq": 40, "cloze": 40, "qa": 30, "summary": 20}, "teacher": False, "perplexity_words": 500,

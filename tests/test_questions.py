@@ -174,3 +174,24 @@ def test_a_model_trained_on_the_answers_beats_its_base(small_model):
     acc = paired_diff([s["acc_norm"] for s in before], [s["acc_norm"] for s in after], binary=True)
     assert acc["verdict"] == BEATS, acc
     assert paired_diff(item_nll(before), item_nll(after), higher_is_better=False)["verdict"] == BEATS
+
+
+def test_the_shared_prefix_engine_gives_lm_evals_loglikelihoods(small_model):
+    """score_mcq runs each prompt once and reuses its KV cache for the options; lm-eval's HFLM.loglikelihood runs every
+    (prompt, option) pair whole. Same tokens, same sums: closed book and open book (a long passage before the question)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from slmforge.evaluate.questions import prompt_of
+
+    model, tok = small_model
+    rows = mcq_items([Question(id=f"f{i}", question=q, answer=a) for i, (q, a) in enumerate(FACTS)], seed=0)
+    passage = "Passages:\n[1] [manual.html § Facts] " + " ".join(a for _, a in FACTS)
+    for contexts in (None, [passage] * len(rows)):
+        ours = [ll for s in score_mcq(model, tok, rows, contexts=contexts) for ll in s["loglik"]]
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu")
+        requests = [Instance(request_type="loglikelihood", doc=r, idx=j,
+                             arguments=(prompt_of(r, contexts[i] if contexts else None), f" {option}"))
+                    for i, r in enumerate(rows) for j, option in enumerate(r["choices"])]
+        theirs = [float(x[0]) for x in lm.loglikelihood(requests, disable_tqdm=True)]
+        assert ours == pytest.approx(theirs, abs=2e-3)

@@ -1,6 +1,6 @@
 """Real-question-style items from the held-out documents, worded unlike any training template.
 
-The training drills (generate/extractive.py, generate/formats.py) ask "Which term fills the blank?", "Complete the
+The training drills (generate/extractive.py, generate/formats.py, generate/user_questions.py, generate/raft.py) ask "Which term fills the blank?", "Complete the
 sentence: …", "What is/are X?", "What does X <verb>?", "In “<section>”, …" and summarise passages; a benchmark in
 those words rewards learning the format. These items come from the documents' own structure instead, by rules no
 generator uses:
@@ -24,6 +24,8 @@ from collections import Counter
 
 from slmforge.evaluate.questions import Question, question_id
 from slmforge.generate.formats import SUMMARY_INSTRUCTION
+from slmforge.generate.raft import NO_SOURCE
+from slmforge.generate.user_questions import TEMPLATES as USER_QUESTION_TEMPLATES
 from slmforge.records import Document
 
 # Every fixed wording the training-data generators and formats put into prompts (generate/extractive.py,
@@ -32,6 +34,7 @@ TRAINING_TEMPLATES = (
     "Which term fills the blank?", "Complete the sentence:", "Complete the text with the missing term:", "Complete:",
     "What is ", "What are ", "What does ", "In “", SUMMARY_INSTRUCTION, "Summary of “", "Summary in one or two sentences",
     "Write one question", "Write one multiple-choice question", "Passage:",
+    *USER_QUESTION_TEMPLATES, "Passages:", NO_SOURCE,
 )
 RULES = {
     "asked": "a heading that is itself a question",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -73,6 +73,15 @@ SPECS: dict[str, Spec] = {
                           description="questions the held-out documents ask or imply (question / how-to / FAQ / task "
                                       "headings), worded unlike any training template; multiple choice, closed book"),
 }
+# Open-book variants: the same items with the passages retrieval finds put before the question, in the layout RAFT
+# trains on and serving uses (slmforge.index.bm25.format_passages)
+OPEN_BOOK = {"mcq": "mcq_open", "qa": "qa_open", "questions": "questions_open", "doc_questions": "doc_questions_open"}
+for _closed, _open in OPEN_BOOK.items():
+    _s = SPECS[_closed]
+    SPECS[_open] = replace(_s, template="{{passages}}\n\n" + _s.template,
+                           chat_template="{{passages}}\n\nQuestion: " + _s.chat_template if _s.chat_template else "",
+                           description=_s.description.replace("(closed book)", "").rstrip(", ") +
+                           " (open book: retrieved passages before the question)")
 GENERAL = ("general_mcq", "general_ppl")
 
 

@@ -161,35 +161,30 @@ def prompt_of(row: dict, context: str | None = None) -> str:
 def score_mcq(model, tokenizer, rows: list[dict], *, batch_size: int = 8, contexts: list[str] | None = None) -> list[dict]:
     """Per item {id, acc, acc_norm, acc_norm_char, gold_nll, gold_tokens, pred_index, loglik}.
 
-    The engine is lm-eval's HFLM.loglikelihood (the same one the benchmark tasks run on). It returns one summed
-    log-likelihood per (context, continuation) but no token count, so the count comes from HFLM._encode_pair: the very
-    split it scored (it moves trailing context spaces into the continuation and tokenises the whole string), so
-    per-token normalisation divides by the tokens lm-eval actually summed over.
-    acc_norm divides by those tokens; acc_norm_char by the option's characters (lm-eval's own acc_norm).
+    Tokens are lm-eval's: HFLM._encode_pair splits each (prompt, " option") pair exactly as lm-eval's loglikelihood does
+    (trailing context spaces move into the continuation, the whole string is tokenised, the context's own encoding is
+    the prefix). The log-likelihoods come from `shared_prefix_loglik`, not from HFLM.loglikelihood: lm-eval runs the
+    prompt once per option, and an open-book prompt (passages + question, ~400 tokens) before 4 short options made
+    that 4x the work; here the prompt runs once and its KV cache serves every option. Same tokens, same sums (a test
+    compares the two engines item by item).
+    acc_norm divides by the option's tokens; acc_norm_char by its characters (lm-eval's own acc_norm).
     """
     from slmforge.evaluate.scoring import _quiet_lm_eval, offline_env
 
     offline_env()
     _quiet_lm_eval()
-    from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     if contexts is not None and len(contexts) != len(rows):
         raise ValueError(f"contexts: {len(contexts)} given for {len(rows)} items")
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    requests, spans = [], []
+    out = []
     for i, row in enumerate(rows):
         prompt = prompt_of(row, contexts[i] if contexts else None)
-        start = len(requests)
-        for j, option in enumerate(row["choices"]):
-            requests.append(Instance(request_type="loglikelihood", doc=row, arguments=(prompt, f" {option}"), idx=j))
-        spans.append((start, len(requests)))
-    results = lm.loglikelihood(requests, disable_tqdm=True) if requests else []
-    out = []
-    for row, (start, end) in zip(rows, spans):
-        lls = [float(results[k][0]) for k in range(start, end)]
-        tokens = [len(lm._encode_pair(*requests[k].args)[1]) for k in range(start, end)]
+        pairs = [lm._encode_pair(prompt, f" {option}") for option in row["choices"]]
+        lls = shared_prefix_loglik(model, pairs, max_length=lm.max_length)
+        tokens = [len(cont) for _, cont in pairs]
         chars = [len(option) for option in row["choices"]]
         gold = row["answer_index"]
         argmax = lambda xs: max(range(len(xs)), key=xs.__getitem__)  # noqa: E731 - first maximum, as numpy's argmax
@@ -201,6 +196,60 @@ def score_mcq(model, tokenizer, rows: list[dict], *, batch_size: int = 8, contex
                     "pred_index": pred, "loglik": lls})
     del lm
     return out
+
+
+def shared_prefix_loglik(model, pairs: list[tuple[list[int], list[int]]], max_length: int = 8192) -> list[float]:
+    """Summed log-probability of each continuation after its context, for pairs that share one context (the options
+    of one question): the context runs once, its KV cache is repeated for the options, which run as one padded batch.
+    Pairs with different contexts (a tokenizer that merged across the boundary) fall back to one forward each."""
+    import inspect
+
+    import torch
+
+    contexts = {tuple(c) for c, _ in pairs}
+    if len(contexts) != 1 or not all(cont for _, cont in pairs):
+        return [_single_loglik(model, c, cont, max_length) for c, cont in pairs]
+    context = list(pairs[0][0])
+    conts = [cont for _, cont in pairs]
+    longest = max(len(c) for c in conts)
+    context = context[-max(1, max_length - longest):]  # left-truncate as lm-eval does
+    device = next(model.parameters()).device
+    # transformers 5.x names the KV cache `cache` (older releases: past_key_values); only the last position's logits
+    # are needed from the context pass
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        first = model(input_ids=torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
+        cache = getattr(first, name)
+        head = torch.log_softmax(first.logits[0, -1].float(), -1)  # predicts each option's first token
+        n, rest = len(conts), longest - 1
+        total = [float(head[c[0]]) for c in conts]
+        if rest:
+            cache.batch_repeat_interleave(n)
+            ids = torch.zeros((n, rest), dtype=torch.long, device=device)
+            mask = torch.zeros((n, len(context) + rest), dtype=torch.long, device=device)
+            mask[:, : len(context)] = 1
+            for j, c in enumerate(conts):
+                ids[j, : len(c) - 1] = torch.tensor(c[:-1])
+                mask[j, len(context): len(context) + len(c) - 1] = 1
+            positions = torch.arange(len(context), len(context) + rest, device=device).expand(n, -1)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{name: cache}).logits
+            logp = torch.log_softmax(logits.float(), -1)
+            for j, c in enumerate(conts):
+                if len(c) > 1:
+                    target = torch.tensor(c[1:], device=device)
+                    total[j] += float(logp[j, : len(c) - 1].gather(-1, target[:, None]).sum())
+    return total
+
+
+def _single_loglik(model, context: list[int], cont: list[int], max_length: int) -> float:
+    import torch
+
+    ids = (context + cont)[-(max_length + 1):][:-1]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0]
+    logp = torch.log_softmax(logits[-len(cont):].float(), -1)
+    return float(logp.gather(-1, torch.tensor(cont, device=device)[:, None]).sum())
 
 
 def answer_perplexity(scored: list[dict]) -> float:

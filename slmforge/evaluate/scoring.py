@@ -134,7 +134,8 @@ def score_model(name: str, spec: str, task_dir: Path, prefix: str, benches: list
     for bench, rows in (questions or {}).items():
         from slmforge.evaluate.questions import score_mcq
 
-        scored = score_mcq(model, tokenizer, rows, batch_size=batch_size)
+        contexts = [r["passages"] for r in rows] if rows and "passages" in rows[0] else None  # open book
+        scored = score_mcq(model, tokenizer, rows, batch_size=batch_size, contexts=contexts)
         scores[bench], items[bench] = summarize_questions(scored, rows, seed)
     del model
     return {"model": name, "spec": spec, "scores": scores, "items": items, "lm_eval": engine,

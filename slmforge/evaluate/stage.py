@@ -20,9 +20,10 @@ from slmforge.console import console, track
 from slmforge.evaluate import benchmarks as bm
 from slmforge.evaluate.compare import beats_base, markdown_table, paired_results, rich_table, rows, worse_than_base
 from slmforge.evaluate.decontaminate import NgramIndex
-from slmforge.evaluate.lm_eval_tasks import GENERAL, SPECS, asked_in_chat, safe_prefix, write_tasks
-from slmforge.artifacts import (BENCHMARKS, DECONTAMINATION, EVAL, GENERATE, HELDOUT_CHUNKS, HELDOUT_DOCUMENTS, LM_EVAL_TASKS, PREDICTIONS,
-                                RESULTS, TABLE, TRAIN_STAGES, benchmark_file, predictions_file, trained_model)
+from slmforge.evaluate.lm_eval_tasks import GENERAL, OPEN_BOOK, SPECS, asked_in_chat, safe_prefix, write_tasks
+from slmforge.artifacts import (BENCHMARKS, BM25_ALL, DECONTAMINATION, EVAL, GENERATE, GENERATE_REPORT, HELDOUT_CHUNKS, HELDOUT_DOCUMENTS,
+                                HELDOUT_PASSAGES, LM_EVAL_TASKS, PASSAGES, PREDICTIONS, RESULTS, TABLE, TRAIN_STAGES,
+                                benchmark_file, predictions_file, trained_model)
 from slmforge.evaluate.questions import questions_input, training_overlap
 from slmforge.records import Item, Prediction
 from slmforge.run import Stage, StageContext, atomic_write_json, atomic_write_jsonl, cached_unit, code_hash, hash_obj, sha256_file
@@ -57,8 +58,14 @@ def model_specs(recipe, run) -> dict[str, tuple[str, str]]:
 class EvalStage(Stage):
     name = EVAL
     needs = (HELDOUT_CHUNKS, HELDOUT_DOCUMENTS)
-    uses = bm.TRAINING_DATA + tuple(trained_model(s) for s in TRAIN_STAGES)  # decontaminated against; scored
+    open_book_inputs = (PASSAGES, HELDOUT_PASSAGES, BM25_ALL, GENERATE_REPORT)
+    uses = bm.TRAINING_DATA + tuple(trained_model(s) for s in TRAIN_STAGES) + open_book_inputs  # decontaminated against; scored
     makes = (BENCHMARKS, DECONTAMINATION, LM_EVAL_TASKS, PREDICTIONS, RESULTS, TABLE)
+
+    def uses_for(self, recipe):
+        if recipe.eval.open_book and recipe.index.enabled:
+            return self.uses
+        return tuple(a for a in self.uses if a not in self.open_book_inputs)
 
     def external_inputs(self, recipe, run):
         out = {f"model:{name}": identity for name, (_, identity) in model_specs(recipe, run).items()}
@@ -77,6 +84,8 @@ class EvalStage(Stage):
         frozen = self._benchmarks(ctx, chunks)
         data_files, meta = self._freeze(ctx, frozen, documents)
         questions = freeze_questions(ctx, meta, documents)
+        if cfg.open_book and BM25_ALL in self.uses_for(recipe) and run.has(BM25_ALL):
+            freeze_open_book(ctx, data_files, meta, questions)
         built_s = time.time() - started
 
         prefix = safe_prefix(recipe.name)
@@ -112,6 +121,8 @@ class EvalStage(Stage):
         if questions:
             results["references"] = {b: question_references(r, recipe.seed) for b, r in questions.items()}
         results["forgetting"] = forgetting(results)
+        generated = ctx.read(GENERATE_REPORT) if run.has(GENERATE_REPORT) else {}  # recall@k of the training questions
+        results["retrieval"] = generated.get("retrieval") or {}
         results["seconds"] = {"benchmarks": round(built_s, 2), "total": round(time.time() - started, 2)}
         ctx.write_json(RESULTS, results)
         ctx.write_text(TABLE, markdown_table(results))
@@ -255,6 +266,45 @@ def freeze_questions(ctx: StageContext, meta: dict, documents: list[Document] = 
             console.print(f"  doc_questions: {len(picked)} question-like headings in the held-out documents: too few to "
                           f"score (rules: {', '.join(dq.RULES)})", highlight=False)
     return out
+
+
+def _query(bench: str, row: dict) -> str:
+    """What retrieval is asked for an item: the question (a blanked sentence without its instruction for mcq)."""
+    text = row.get("question") or row.get("prompt") or ""
+    return text.split("\n\n", 1)[-1].replace("_____", " ") if bench == "mcq" else text
+
+
+def freeze_open_book(ctx: StageContext, data_files: dict, meta: dict, questions: dict[str, list[dict]]) -> None:
+    """`<bench>_open` beside each question benchmark: the same items, each with `passages`, the top index.k passages of
+    the deployed index (training + held-out documents: a deployed specialist's index holds every document, though the
+    model never trained on the held-out ones). Their meta records recall@k of the item's source chunk where known."""
+    from slmforge.index.bm25 import Bm25Index, context_of
+    from slmforge.run import read_jsonl
+
+    k = ctx.recipe.index.k
+    index = Bm25Index.load(ctx.input(BM25_ALL), [*ctx.read(PASSAGES), *ctx.read(HELDOUT_PASSAGES)])
+    sources = {**{b: read_jsonl(p) for b, p in data_files.items() if b in OPEN_BOOK}, **questions}
+    for bench, rows_ in sources.items():
+        if bench not in OPEN_BOOK or not rows_:
+            continue
+        hits = index.search_many([_query(bench, r) for r in rows_], max(k, 5))
+        opened = [{**r, "passages": context_of(h[:k])} for r, h in zip(rows_, hits)]
+        name = OPEN_BOOK[bench]
+        recall = None
+        if all(r.get("chunk_id") for r in rows_):  # items built from a held-out chunk: was that chunk found?
+            recall = {str(n): round(sum(any(x.passage.chunk_id == r["chunk_id"] for x in h[:n]) for r, h in zip(rows_, hits))
+                                    / len(rows_), 4) for n in (1, k, 5)}
+        info = {"description": SPECS[name].description, "k": k, "retrieval_recall": recall,
+                "no_passage": sum(not h for h in hits),
+                "built": f"the {bench} items, each after the top {k} passages BM25 finds for its question in the "
+                         "training + held-out documents"}
+        path = ctx.path(BENCHMARKS) / benchmark_file(name)
+        atomic_write_jsonl(path, opened)
+        if bench in questions:
+            questions[name] = opened  # scored by evaluate.questions.score_mcq with the passages as contexts
+        else:
+            data_files[name] = path  # an lm-eval task whose template starts with {{passages}}
+        meta[name] = {**meta[bench], "file": f"{BENCHMARKS.name}/{path.name}", "sha256": sha256_file(path), **info}
 
 
 def question_references(rows_: list[dict], seed: int) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from slmforge.console import track
+from slmforge.generate.user_questions import user_question_groups
 from slmforge.generate.extractive import TermIndex, extractive_items
 from slmforge.generate.teachers import teacher_request
 from slmforge.generate.verify import Verifier
@@ -82,6 +83,13 @@ def make_items(chunks: list[Chunk], kinds: Iterable[str], cfg: GenerateConfig, *
             for chunk in track(chunks, "extractive items"):
                 for item in extractive_items(chunk, wanted, terms, cfg.extractive_per_chunk, seed, cfg.max_passage_words):
                     consider(item)
+                if "qa" in kinds and cfg.user_questions:
+                    for first, *more in user_question_groups(chunk, cfg.user_questions):
+                        if consider(first):  # more wordings of an accepted fact are wanted, not near duplicates
+                            for item in more:
+                                if item.id not in seen_ids and not verifier.check_length(item):
+                                    seen_ids.add(item.id)
+                                    accepted.append(item)
     if teacher is None:
         return accepted, rejected
 

@@ -19,8 +19,8 @@ from slmforge.generate.formats import dpo_rows, pretrain_rows, sft_rows
 from slmforge.generate.pipeline import MODEL_KINDS, make_items
 from slmforge.generate.teachers import make_teacher
 from slmforge.generate.verify import Verifier
-from slmforge.artifacts import (DPO_ROWS, GENERATE, GENERATE_REJECTED, GENERATE_REPORT, HELDOUT_CHUNKS, ITEMS, PRETRAIN_ROWS,
-                                SFT_ROWS, TRAIN_CHUNKS)
+from slmforge.artifacts import (BM25_TRAIN, DPO_ROWS, GENERATE, GENERATE_REJECTED, GENERATE_REPORT, HELDOUT_CHUNKS, ITEMS,
+                                PASSAGES, PRETRAIN_ROWS, SFT_ROWS, TRAIN_CHUNKS)
 from slmforge.run import Stage, StageContext
 
 
@@ -47,6 +47,11 @@ class GenerateStage(Stage):
     name = GENERATE
     needs = (TRAIN_CHUNKS, HELDOUT_CHUNKS)  # held-out chunks only to decontaminate against
     makes = (ITEMS, PRETRAIN_ROWS, SFT_ROWS, DPO_ROWS, GENERATE_REJECTED, GENERATE_REPORT)
+
+    uses = (PASSAGES, BM25_TRAIN)  # RAFT rows: the training index (never the held-out passages)
+
+    def uses_for(self, recipe):
+        return self.uses if recipe.generate.raft.enabled and recipe.index.enabled else ()
 
     def external_inputs(self, recipe, run):
         return questions_input(recipe)  # training items overlapping the user's questions are dropped
@@ -84,6 +89,18 @@ class GenerateStage(Stage):
         items, pretrain, question_rejects, questions = drop_question_overlap(recipe, items, pretrain)  # eval.questions
         rejected += question_rejects
         sft, dpo = sft_rows(items), dpo_rows(items)
+        retrieval = None
+        if cfg.raft.enabled and ctx.run.has(BM25_TRAIN) and BM25_TRAIN in self.uses_for(recipe):
+            from slmforge.generate.raft import raft_data
+            from slmforge.index.bm25 import Bm25Index
+
+            index = Bm25Index.load(ctx.input(BM25_TRAIN), ctx.read(PASSAGES))
+            raft_sft, raft_pretrain, raft_dpo, retrieval = raft_data(items, index, recipe.index.k, cfg.raft.p_source, recipe.seed)
+            kept = [r for r in raft_pretrain if not check.overlaps_avoid(r["text"])]  # passages of other chunks ride along
+            sft += raft_sft if cfg.raft.sft else []
+            pretrain += kept if cfg.raft.pretrain else []
+            dpo += raft_dpo if cfg.raft.dpo else []
+            retrieval["heldout_overlap_dropped"] = len(raft_pretrain) - len(kept)
 
         ctx.write(ITEMS, items)
         ctx.write(PRETRAIN_ROWS, pretrain)
@@ -97,6 +114,9 @@ class GenerateStage(Stage):
             teacher_failures=failed, teacher_requests=asked,
             acceptance={k: v["rate"] for k, v in per_generator.items()},
         )
+        if retrieval:
+            ctx.counts["raft_rows"] = retrieval["raft_rows"]
+            ctx.counts["retrieval_recall"] = retrieval["recall@k"]
         if failed:  # published so the next stages can run, but never skipped as done: a rerun retries only these
             ctx.counts["incomplete"] = (f"{failed} of {asked} teacher requests to {teacher.endpoint} failed "
                                         f"(listed in rejected.jsonl as teacher_error); rerun to retry only those")
@@ -107,6 +127,7 @@ class GenerateStage(Stage):
             "teacher_errors": dict(errors),
             "reasons": dict(Counter(r["reason"] for r in rejected).most_common()),
             "questions_decontamination": questions,
+            "retrieval": retrieval or {},
             "seconds": round(time.time() - started, 1),
         })
 
@@ -115,6 +136,9 @@ class GenerateStage(Stage):
                 ("items (by kind)", f"{c['items']:,} (" + ", ".join(f"{k} {v}" for k, v in sorted(c["by_kind"].items())) + ")"),
                 ("pretrain / sft / dpo rows", f"{c['pretrain_rows']:,} / {c['sft_rows']:,} / {c['dpo_rows']:,}"),
                 ("rejected (teacher failures)", f"{c['rejected']:,} ({c['teacher_failures']})")]
+        if "raft_rows" in c:
+            rows.append(("RAFT rows; recall@1/2/5 of the source", f"{c['raft_rows']:,}; " + " / ".join(
+                f"{c['retrieval_recall'].get(k, 0):.0%}" for k in ("1", "2", "5"))))
         if "question_overlap" in c:
             q = c["question_overlap"]
             rows.append(("removed: overlap with eval.questions", f"{q['items_removed']} items, {q['pretrain_rows_removed']} "

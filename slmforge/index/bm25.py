@@ -26,9 +26,15 @@ _SENTENCE = re.compile(r"(?<=[.!?:;])[ \t]+(?=[A-Z0-9\"'(`])")
 
 
 def section_of(chunk: Chunk) -> str:
-    from slmforge.generate.extractive import section_name  # the name items and citations already use
+    """The innermost specific heading without its number ("5.4.1. Check Constraints" -> "Check Constraints"); generic
+    ones ("Parameters", "Notes") give way to the next one out, and then to the page title."""
+    from slmforge.generate.extractive import _GENERIC_HEADINGS, SECTION_NUMBER
 
-    return section_name(chunk)
+    for h in [*reversed(chunk.headings), chunk.title]:
+        name = SECTION_NUMBER.sub("", h).strip().lstrip("#").strip()
+        if name and name.lower() not in _GENERIC_HEADINGS:
+            return name
+    return chunk.title.strip()
 
 
 def _units(text: str) -> list[tuple[str, bool]]:
@@ -180,17 +186,28 @@ def recall_at_k(index: Bm25Index, pairs: Sequence[tuple[str, str]], ks: Sequence
     return {"n": len(pairs), "recall@k": recall}
 
 
-def context_of(hits: Sequence[Hit], max_words: int | None = None) -> str:
-    """The passages as a prompt prefix: numbered, each with its citation, in rank order."""
+def format_passages(passages: Sequence[Passage], max_words: int | None = None) -> str:
+    """Passages as a prompt prefix, numbered, each with its citation; RAFT training data, open-book evaluation and
+    serving all use this one layout, so the model reads at inference what it was trained on:
+        Passages:
+        [1] [source § section] text
+        [2] ...
+    `max_words` caps the words of passage text in all (the last passages are cut, then left out)."""
     parts = []
     budget = max_words
-    for i, h in enumerate(hits, 1):
-        text = h.passage.text
+    for i, p in enumerate(passages, 1):
+        text = p.text
         if budget is not None:
-            words = text.split()
             if budget <= 0:
                 break
-            text = " ".join(words[:budget])
+            words = text.split()
+            if len(words) > budget:
+                text = " ".join(words[:budget])
             budget -= len(words)
-        parts.append(f"[{i}] {h.passage.citation} {text}")
+        parts.append(f"[{i}] {p.citation} {text}")
     return "Passages:\n" + "\n".join(parts) if parts else ""
+
+
+def context_of(hits: Sequence[Hit], max_words: int | None = None) -> str:
+    """format_passages of the hits' passages, in rank order."""
+    return format_passages([h.passage for h in hits], max_words)

@@ -111,6 +111,7 @@ def _eval_section(results: dict | None) -> str:
     general = [r for r in table_rows if r["general"]]
     if general:
         html += ["<h3>Forgetting check (general ability, not domain data)</h3>", _img(plots.benchmark_bars(general, models), "general")]
+    html.append(_open_book_section(results, models))
     bench_rows = [[_td(b), _td(m["n"], True), _td(m.get("built") or m.get("description", "")), _td(m["sha256"][:16])]
                   for b, m in results["benchmarks"].items()]
     html += ["<h3>Frozen benchmarks</h3>", _table(["benchmark", "items", "what", "sha256"], bench_rows)]
@@ -126,6 +127,39 @@ def _eval_section(results: dict | None) -> str:
     timing = [[_td(m["name"]), _td(m["path"]), _td(f"{m['seconds']:.1f}s", True)] for m in results["models"]]
     html += ["<h3>Scoring time per model</h3>", _table(["model", "from", "seconds"], timing)]
     return "".join(html)
+
+
+def _open_book_section(results: dict, models: list[str]) -> str:
+    """Closed-book and open-book scores side by side per question benchmark, and retrieval's recall@k."""
+    from slmforge.evaluate.lm_eval_tasks import OPEN_BOOK, SPECS
+
+    scores, benches = results.get("scores", {}), results.get("benchmarks", {})
+    body = []
+    for closed, opened in OPEN_BOOK.items():
+        if opened not in benches:
+            continue
+        metric = SPECS[closed].metrics[0]
+        for m in models:
+            a = scores.get(m, {}).get(closed, {}).get(metric)
+            b = scores.get(m, {}).get(opened, {}).get(metric)
+            if a is None or b is None:
+                continue
+            recall = benches[opened].get("retrieval_recall") or {}
+            body.append([_td(closed if m == models[0] else ""), _td(metric if m == models[0] else ""), _td(m),
+                         _td(f"{a['value']:.3f}", True), _td(f"{b['value']:.3f}", True), _td(f"{b['value'] - a['value']:+.3f}", True),
+                         _td(" · ".join(f"@{k} {v:.0%}" for k, v in recall.items()) if m == models[0] and recall else "", True)])
+    if not body:
+        return ""
+    generate = results.get("retrieval") or {}
+    note = ("<p>Open book: each question after the passages the run's BM25 index finds for it (training + held-out "
+            "documents, as a deployed specialist searches; the model never trained on the held-out ones). Recall@k: share "
+            "of items whose source chunk is among the top k passages. Paired differences of each open-book row from the "
+            "base are in the table above (rows ending in _open).</p>")
+    if generate.get("recall@k"):
+        note += ("<p>Recall@k of the generated training questions' source chunks (training index): "
+                 + escape(" · ".join(f"@{k} {v:.0%}" for k, v in generate["recall@k"].items() if v is not None)) + "</p>")
+    return ("<h3>Closed book vs open book</h3>" + note +
+            _table(["benchmark", "metric", "model", "closed book", "open book", "open − closed", "retrieval recall"], body))
 
 
 def _questions_note(results: dict) -> str:

@@ -1,0 +1,92 @@
+"""Retrieval-augmented fine-tuning data (RAFT): a question with its source passage among retrieved distractors.
+
+For every question item (kind qa) the training index (the index stage's BM25 over the training passages only) is asked
+the item's question, as serving will ask it. The prompt holds `k` passages:
+  - with probability `p_source`: the source passage (the passage of the item's chunk that holds most of the answer)
+    and k-1 distractors, the best-ranked passages of other chunks (hard negatives), in a seeded random order; the answer
+    is the item's answer followed by the source's citation "[document § section]";
+  - otherwise k distractors only: the answer says the passages do not cover it, then answers from memory (RAFT's
+    share without the oracle document, so the model keeps its closed-book knowledge and says when retrieval missed).
+The same prompt layout is used everywhere a model reads passages (slmforge.index.bm25.format_passages):
+    Passages:
+    [1] [source § section] text
+    [2] ...
+
+    Question: <question>
+SFT gets it as a chat turn; DAPT (mixed training) gets the with-source examples as plain text ending in
+"Answer: <answer>"; DPO gets pairs whose rejected answer answers from a distractor passage and cites it.
+It also measures retrieval: recall@k of each question's source chunk (the figure the report shows).
+"""
+
+from __future__ import annotations
+
+import random
+
+from slmforge.evaluate.questions import content_words
+from slmforge.index.bm25 import Bm25Index, format_passages
+from slmforge.records import Item, Passage
+
+NO_SOURCE = "The passages above do not answer this; from the documentation: "
+QUESTION = "Question: "
+
+
+def raft_prompt(question: str, passages: list[Passage]) -> str:
+    """The user turn: the passages, a blank line, then the question (serving builds the same)."""
+    context = format_passages(passages)
+    return f"{context}\n\n{QUESTION}{question}" if context else f"{QUESTION}{question}"
+
+
+def source_passage(item: Item, candidates: list[Passage]) -> Passage | None:
+    """The passage of the item's chunk sharing most content words with its answer."""
+    if not candidates:
+        return None
+    answer = content_words(item.answer)
+    return max(candidates, key=lambda p: len(answer & content_words(p.text)))
+
+
+def _first_sentence(text: str, words: int = 40) -> str:
+    from slmforge.generate.text import sentences
+
+    sents = sentences(text)
+    return sents[0] if sents else " ".join(text.split()[:words])
+
+
+def raft_data(items: list[Item], index: Bm25Index, k: int = 2, p_source: float = 0.8, seed: int = 0,
+              recall_ks: tuple[int, ...] = (1, 2, 5, 10)) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """(sft rows, pretrain rows, dpo rows, stats) for the qa items."""
+    questions = [it for it in items if it.kind == "qa"]
+    by_chunk: dict[str, list[Passage]] = {}
+    for p in index.passages:
+        by_chunk.setdefault(p.chunk_id, []).append(p)
+    top = max(max(recall_ks), k + 4)
+    results = index.search_many([it.prompt for it in questions], top)
+    sft, pretrain, dpo = [], [], []
+    found = {kk: 0 for kk in recall_ks}
+    for item, hits in zip(questions, results):
+        for kk in recall_ks:
+            found[kk] += any(h.passage.chunk_id == item.chunk_id for h in hits[:kk])
+        source = source_passage(item, by_chunk.get(item.chunk_id, []))
+        if source is None:
+            continue
+        distractors = [h.passage for h in hits if h.passage.chunk_id != item.chunk_id]
+        rng = random.Random(f"{seed}:raft:{item.id}")
+        meta = {"chunk_id": item.chunk_id, "teacher": item.origin}
+        if rng.random() < p_source or not distractors:
+            shown = distractors[: k - 1] + [source]
+            rng.shuffle(shown)
+            prompt, answer = raft_prompt(item.prompt, shown), f"{item.answer} {source.citation}"
+            pretrain.append({"text": f"{prompt}\nAnswer: {answer}", "kind": "raft", **meta})
+            if distractors:
+                wrong = distractors[0]
+                dpo.append({"prompt": [{"role": "user", "content": prompt}],
+                            "chosen": [{"role": "assistant", "content": answer}],
+                            "rejected": [{"role": "assistant", "content": f"{_first_sentence(wrong.text)} {wrong.citation}"}],
+                            **meta})
+        else:
+            prompt, answer = raft_prompt(item.prompt, distractors[:k]), NO_SOURCE + item.answer
+        sft.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                    "kind": "raft", **meta})
+    n = len(questions)
+    stats = {"questions": n, "raft_rows": len(sft), "with_source": len(pretrain),
+             "recall@k": {str(kk): round(found[kk] / n, 4) if n else None for kk in recall_ks}}
+    return sft, pretrain, dpo, stats
