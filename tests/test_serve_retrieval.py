@@ -132,6 +132,23 @@ def test_streaming_ends_with_the_citations(rag_server):
     assert not any("citations" in c.model_extra for c in off)
 
 
+def test_passages_are_cut_to_fit_the_model_context(rag_server, tiny_engine, monkeypatch):
+    url, _ = rag_server
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    question = [{"role": "user", "content": ASKED[4][0]}]
+    full = client.chat.completions.create(model="x", messages=question, max_tokens=4)
+    bare = client.chat.completions.create(model="x", messages=question, max_tokens=4, extra_body={"retrieval": False})
+    assert len(full.model_extra["citations"]) == 2
+    limit = bare.usage.prompt_tokens + 4 + 120  # room for about half of one passage
+    monkeypatch.setattr(tiny_engine, "max_context", limit)
+    cut = client.chat.completions.create(model="x", messages=question, max_tokens=4)
+    assert cut.model_extra["citations"] and bare.usage.prompt_tokens < cut.usage.prompt_tokens <= limit - 4
+    assert cut.model_extra["citations"][0] == full.model_extra["citations"][0]
+    monkeypatch.setattr(tiny_engine, "max_context", bare.usage.prompt_tokens + 4 + 5)  # no passage fits at all
+    none = client.chat.completions.create(model="x", messages=question, max_tokens=4)
+    assert "citations" not in none.model_extra and none.usage.prompt_tokens == bare.usage.prompt_tokens
+
+
 def test_completions_take_passages_only_when_asked(rag_server, tiny_engine):
     url, _ = rag_server
     client = openai.OpenAI(base_url=url, api_key="unused")

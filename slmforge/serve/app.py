@@ -126,13 +126,20 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
         if retrieval is None:
             raise APIError(400, "retrieval: this server has no retrieval index (serve.retrieval is off, or the run "
                            "has no index stage)", "retrieval")
-        got = retrieval.chat(req.messages) if kind == "chat" else retrieval.prefix(req.prompt)
-        if got is None:
-            return None
-        if kind == "completion":
-            req.prompt = got.text
-        metrics.observe_retrieval(got.ms / 1000, len(got.hits))
+        got = retrieval.apply(req, kind, fits)
+        if got is not None:
+            metrics.observe_retrieval(got.ms / 1000, len(got.hits))
         return got
+
+    def fits(req: GenRequest) -> bool:
+        """Whether prompt + max_tokens fit the specialist's context (in-process engines; a remote one decides itself)."""
+        limit = getattr(specialist, "max_context", None)
+        if not limit:
+            return True
+        try:
+            return len(specialist.tokenize(req)) + req.max_tokens <= limit
+        except (NotImplementedError, APIError):
+            return True
 
     def with_retrieval(payload: dict, got: Retrieved | None) -> dict:
         if got is not None:

@@ -67,29 +67,56 @@ class Retrieval:
     def size(self) -> int:
         return len(getattr(self.index, "passages", ()))
 
-    def question(self, question: str) -> Retrieved:
-        """A chat question -> the user message with its passages (`retrieval_prompt`)."""
+    def question(self, question: str, max_words: int | None = None) -> Retrieved:
+        """A chat question -> the user message with its passages (`retrieval_prompt`), at most `max_words` words of
+        them (default: this Retrieval's budget)."""
         started = time.perf_counter()
         hits = self.index.search(question, self.k) if question.strip() else []
-        text = retrieval_prompt(question, hits, self.max_words)
+        text = retrieval_prompt(question, hits, max_words or self.max_words)
         return Retrieved(text, shown(hits, text), (time.perf_counter() - started) * 1000)
 
-    def prefix(self, prompt: str) -> Retrieved:
+    def prefix(self, prompt: str, max_words: int | None = None) -> Retrieved:
         """A plain completion prompt -> the passages block, a blank line, then the prompt as it was."""
         started = time.perf_counter()
         hits = self.index.search(prompt, self.k) if prompt.strip() else []
-        context = context_of(hits, self.max_words)
+        context = context_of(hits, max_words or self.max_words)
         text = f"{context}\n\n{prompt}" if context else prompt
         return Retrieved(text, shown(hits, text), (time.perf_counter() - started) * 1000)
 
-    def chat(self, messages: list[dict]) -> Retrieved | None:
+    def chat(self, messages: list[dict], max_words: int | None = None) -> Retrieved | None:
         """Rewrite the last user message of `messages` in place; None when there is no user message."""
         for m in reversed(messages):
             if m["role"] == "user":
-                got = self.question(m["content"])
+                got = self.question(m["content"], max_words)
                 m["content"] = got.text
                 return got
         return None
+
+    def apply(self, req, kind: str, fits=None) -> Retrieved | None:
+        """Put passages in `req` (a chat or completion Request) in place. `fits(req)` False (prompt + max_tokens over
+        the model's context): the passages are cut to half the words, then half again, down to none."""
+        started = time.perf_counter()
+        original = [dict(m) for m in req.messages] if kind == "chat" else req.prompt
+        budget = self.max_words or 10**9
+        while True:
+            if kind == "chat":
+                got = self.chat(req.messages, budget)
+            else:
+                got = self.prefix(req.prompt, budget)
+                req.prompt = got.text
+            if got is None or not got.hits or fits is None or fits(req):
+                break
+            if kind == "chat":
+                req.messages = [dict(m) for m in original]
+            else:
+                req.prompt = original
+            budget //= 2
+            if budget < 16:  # not even a short passage fits: the request as it came (the engine says if it is too long)
+                got = None
+                break
+        if got is not None:
+            got.ms = (time.perf_counter() - started) * 1000
+        return got
 
 
 def open_retrieval(recipe) -> Retrieval | None:
