@@ -146,6 +146,7 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
             payload["citations"] = got.citations()
             payload["slmforge"] = {**payload.get("slmforge", {}), "retrieval": got.info(retrieval.k)}
         return payload
+
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
 
     def check_auth(request: Request) -> None:
@@ -380,7 +381,6 @@ def serve(recipe: Recipe) -> None:
                   f"on http://{cfg.host}:{cfg.port}/v1 "
                   f"(auth {auth}; fallback {cfg.routing.fallback_url or 'none'}; retrieval {_retrieval_note(app)})", highlight=False)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
-
 
 
 def _retrieval_note(app: FastAPI) -> str:
