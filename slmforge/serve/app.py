@@ -136,6 +136,10 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
         limit = getattr(specialist, "max_context", None)
         if not limit:
             return True
+        text = "".join(m["content"] for m in req.messages) if req.messages is not None else (req.prompt or "")
+        if len(text.encode()) + 256 + req.max_tokens <= limit:
+            return True  # no tokenizing needed: a token holds at least one byte; 256 for the chat template's own
+            #              tokens (a template longer than that still gets the engine's own 400 context_length_exceeded)
         try:
             return len(specialist.tokenize(req)) + req.max_tokens <= limit
         except (NotImplementedError, APIError):
