@@ -373,6 +373,13 @@ class ServeConfig(Section):
     max_batch: int = Field(32, ge=1, description="transformers engine: requests decoded together as one batch")
     max_queue: int = Field(64, ge=1, description="requests that may wait for the in-process engine; more get 503 + Retry-After")
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    retrieval: bool | Literal["auto"] = Field(
+        "auto", description="put the top passages of the run's index (training + held-out documents) in each chat "
+        "request's last user message and return their citations; 'auto' = on when the run has an index; a request "
+        "turns it off with the body field \"retrieval\": false (/v1/completions: off unless \"retrieval\": true)")
+    retrieval_k: int | None = Field(None, ge=1, le=20, description="passages per request (null = index.k)")
+    retrieval_words: int | None = Field(None, ge=16, description="most words of passages in one prompt, so prompt and "
+                                        "answer fit the model's context (null = retrieval_k x index.passage_words)")
 
     @model_validator(mode="after")
     def _default_within_limit(self):

@@ -3,8 +3,14 @@
     GET  /health                 liveness + what is served
     GET  /metrics                Prometheus text format
     GET  /v1/models
-    POST /v1/chat/completions    (stream, response_format json_schema / json_object, logprobs)
-    POST /v1/completions
+    POST /v1/chat/completions    (stream, response_format json_schema / json_object, logprobs, retrieval)
+    POST /v1/completions         (retrieval only when the body asks: "retrieval": true)
+
+Retrieval (serve.retrieval, slmforge/serve/retrieval.py): the last user message is searched in the run's index and
+rewritten as `retrieval_prompt(question, hits)` before the specialist, or the fallback, sees it; the response carries
+`citations` (streamed: in the chunk holding finish_reason) and `slmforge.retrieval` {k, passages, ms}. A body field
+"retrieval": false turns it off for that request. Plain completions are raw prompts a client wrote (often a few-shot
+or a format of its own), so passages go before them only when asked.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from slmforge.serve.protocol import (
     APIError, ChatRequest, CompletionRequest, GenRequest, Generation, chat_chunk, chat_response, completion_chunk,
     completion_response, new_id, parse, sse,
 )
+from slmforge.serve.retrieval import Retrieval, Retrieved, open_retrieval
 from slmforge.serve.router import Router
 
 
@@ -99,13 +106,51 @@ def _gen_request(body: ChatRequest | CompletionRequest, cfg: ServeConfig) -> Gen
     return req
 
 
-def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
-    """An app serving `specialist` (any slmforge.lm backend), falling back to `fallback` (an OpenAILM or None)."""
+def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str | None = None, api_key: str | None = None,
+               retrieval: Retrieval | None = None) -> FastAPI:
+    """An app serving `specialist` (any slmforge.lm backend), falling back to `fallback` (an OpenAILM or None), with the
+    passages of `retrieval` (None: no retrieval) in each chat request."""
     name = model_name or specialist.name
     metrics = Metrics()
     router = Router(specialist, fallback, cfg.routing, metrics, name)
     app = FastAPI(title=f"slmforge: {name}", docs_url=None, redoc_url=None)
-    app.state.metrics, app.state.router = metrics, router
+    app.state.metrics, app.state.router, app.state.retrieval = metrics, router, retrieval
+
+    def retrieve(body, req: GenRequest, kind: str) -> Retrieved | None:
+        """Search and rewrite the request in place, before any model sees it (so the fallback gets the same passages)."""
+        asked = body.retrieval
+        if asked is None:
+            asked = kind == "chat" and retrieval is not None
+        if not asked:
+            return None
+        if retrieval is None:
+            raise APIError(400, "retrieval: this server has no retrieval index (serve.retrieval is off, or the run "
+                           "has no index stage)", "retrieval")
+        got = retrieval.apply(req, kind, fits)
+        if got is not None:
+            metrics.observe_retrieval(got.ms / 1000, len(got.hits))
+        return got
+
+    def fits(req: GenRequest) -> bool:
+        """Whether prompt + max_tokens fit the specialist's context (in-process engines; a remote one decides itself)."""
+        limit = getattr(specialist, "max_context", None)
+        if not limit:
+            return True
+        text = "".join(m["content"] for m in req.messages) if req.messages is not None else (req.prompt or "")
+        if len(text.encode()) + 256 + req.max_tokens <= limit:
+            return True  # no tokenizing needed: a token holds at least one byte; 256 for the chat template's own
+            #              tokens (a template longer than that still gets the engine's own 400 context_length_exceeded)
+        try:
+            return len(specialist.tokenize(req)) + req.max_tokens <= limit
+        except (NotImplementedError, APIError):
+            return True
+
+    def with_retrieval(payload: dict, got: Retrieved | None) -> dict:
+        if got is not None:
+            payload["citations"] = got.citations()
+            payload["slmforge"] = {**payload.get("slmforge", {}), "retrieval": got.info(retrieval.k)}
+        return payload
+
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
 
     def check_auth(request: Request) -> None:
@@ -163,16 +208,17 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
             check_auth(request)
             body = parse(ChatRequest if kind == "chat" else CompletionRequest, await request.body())
             req = _gen_request(body, cfg)
+            got = retrieve(body, req, kind)
             want_lp = bool(body.logprobs) if kind == "chat" else body.logprobs is not None
             if body.stream:
                 await specialist.validate(req)  # a 4xx must come before the 200 of a stream
                 streaming = True
                 include_usage = bool((body.stream_options or {}).get("include_usage"))
-                return StreamingResponse(stream_events(req, kind, include_usage, started), media_type="text/event-stream",
+                return StreamingResponse(stream_events(req, kind, include_usage, started, got), media_type="text/event-stream",
                                          headers={"cache-control": "no-cache"})
             routed = await router.complete(req)
             build = chat_response if kind == "chat" else completion_response
-            return JSONResponse(build(routed.generation, routed.route, want_lp),
+            return JSONResponse(with_retrieval(build(routed.generation, routed.route, want_lp), got),
                                 headers={"x-slmforge-answered-by": routed.route["answered_by"], "x-slmforge-route": routed.route["route"]})
         except APIError as err:
             status = err.status
@@ -181,7 +227,7 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
             if not streaming:
                 metrics.observe_request(kind, status, time.perf_counter() - started)
 
-    async def stream_events(req: GenRequest, kind: str, include_usage: bool, started: float):
+    async def stream_events(req: GenRequest, kind: str, include_usage: bool, started: float, got: Retrieved | None):
         cid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         chunk = (lambda text, finish=None, **kw: chat_chunk(cid, name, {"content": text} if text is not None else {}, finish, **kw)) \
             if kind == "chat" else (lambda text, finish=None, **kw: completion_chunk(cid, name, text or "", finish, **kw))
@@ -203,7 +249,7 @@ def create_app(specialist, cfg: ServeConfig, *, fallback=None, model_name: str |
                         yield sse(chunk(item))
                     else:
                         final, route = item.generation, item.route
-            extra = {"slmforge": route}
+            extra = with_retrieval({"slmforge": route}, got)  # the citations ride on the chunk with finish_reason
             yield sse(chunk(None, final.finish_reason, **extra))
             if include_usage:
                 yield sse({"id": cid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
@@ -316,11 +362,15 @@ def _env(var: str) -> str | None:
 def build_app(recipe: Recipe) -> FastAPI:
     cfg = recipe.serve
     name = cfg.model_name or recipe.name
+    try:
+        retrieval = open_retrieval(recipe)  # before the model loads: a missing index is said at once
+    except ValueError as err:
+        raise ServeError(str(err)) from None
     specialist = make_engine(recipe, name)
     r = cfg.routing
     fallback = remote(r.fallback_url, r.fallback_model, _env(r.fallback_api_key_env), cfg.timeout_s,
                       name=r.fallback_model or r.fallback_url) if r.fallback_url else None
-    return create_app(specialist, cfg, fallback=fallback, model_name=name, api_key=_env(cfg.api_key_env))
+    return create_app(specialist, cfg, fallback=fallback, model_name=name, api_key=_env(cfg.api_key_env), retrieval=retrieval)
 
 
 def serve(recipe: Recipe) -> None:
@@ -333,6 +383,10 @@ def serve(recipe: Recipe) -> None:
     auth = "on" if _env(cfg.api_key_env) else f"off (set {cfg.api_key_env} to require a key)"
     console.print(f"serving [bold]{cfg.model_name or recipe.name}[/bold] ({describe(app.state.router.specialist)}) "
                   f"on http://{cfg.host}:{cfg.port}/v1 "
-                  f"(auth {auth}; fallback {cfg.routing.fallback_url or 'none'})", highlight=False)
+                  f"(auth {auth}; fallback {cfg.routing.fallback_url or 'none'}; retrieval {_retrieval_note(app)})", highlight=False)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 
+
+def _retrieval_note(app: FastAPI) -> str:
+    r = app.state.retrieval
+    return f"top {r.k} of {r.size:,} passages, at most {r.max_words} words" if r is not None else "off"

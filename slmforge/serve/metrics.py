@@ -28,6 +28,9 @@ class Metrics:
         self.fallback_errors = Counter("slmforge_fallback_errors", "fallback calls that failed (specialist answer kept)", registry=r)
         self.schema_checks = Counter("slmforge_schema_checks", "answers checked against a requested JSON schema", ["result"], registry=r)
         self.cost = Counter("slmforge_cost", "cost of all model calls (recipe's cost per million tokens)", registry=r)
+        self.retrieval = Histogram("slmforge_retrieval_seconds", "time to search the index and build the prompt", registry=r,
+                                   buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25))
+        self.retrieved = Counter("slmforge_retrieved_passages", "passages put into prompts", registry=r)
         self.successes = Counter("slmforge_successful_tasks", "answered requests whose output met the requested format", registry=r)
         # Rates and quantiles as gauges, so a plain scrape shows them without PromQL.
         self._lock = threading.Lock()
@@ -77,6 +80,10 @@ class Metrics:
             self._n["schema_valid"] += bool(schema_valid)
             self._n["successes"] += success
             self._n["cost"] += cost
+
+    def observe_retrieval(self, seconds: float, passages: int) -> None:
+        self.retrieval.observe(seconds)
+        self.retrieved.inc(passages)
 
     def observe_tokens(self, model: str, prompt: int, completion: int) -> None:
         self.tokens.labels(model, "prompt").inc(prompt)

@@ -66,6 +66,8 @@ class _Sampling(_Request):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
+    retrieval: bool | None = Field(None, description="slmforge: passages of the server's index in the prompt "
+                                   "(chat: on by default when the server has an index; completions: off by default)")
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     seed: int | None = None
 
