@@ -33,6 +33,8 @@ Usage:
     python bench/real_questions.py --domains r,debian,sqlite,git
     python bench/real_questions.py --domains r --skip-build RUN_DIR   # score an existing run (runs/<name>)
     python bench/real_questions.py --set sft.max_steps=64       # recipe overrides for every build (ablations)
+    python bench/real_questions.py --domains r --open-book      # also open-book: passages from the run's index
+    python bench/real_questions.py --domains r --skip-build RUN_DIR --model OTHER_MODEL --open-book
 
 With --open-book each model is also scored open-book: the run's retrieval index (slmforge's index stage: BM25 over
 120-word passages of the corpus documents, the FAQ never among them) gives the top `index.k` passages for each question,
@@ -425,7 +427,7 @@ def run_domain(domain: Domain, args) -> dict:
         run_dir = Path(args.runs) / f"real-{domain.name}"
         log(f"[{domain.name}] build finished in {wall:.0f} s")
     stages = stage_seconds(run_dir)
-    stage, model_dir = specialist_of(run_dir)
+    stage, model_dir = ("given", Path(args.model)) if args.model else specialist_of(run_dir)
 
     from slmforge.evaluate.questions import load_questions, mcq_items
 
@@ -458,6 +460,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every build")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--open-book", action="store_true", help="also score both models with retrieved passages")
+    parser.add_argument("--model", default=None, metavar="MODEL_DIR", help="score this model as the specialist (with "
+                        "--skip-build RUN_DIR, whose index gives the open-book passages), e.g. an older build's")
     args = parser.parse_args()
     args.runs = args.runs or str(Path(args.cache) / "runs")
     names = [d.strip() for d in args.domains.split(",") if d.strip()]

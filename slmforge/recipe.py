@@ -603,8 +603,14 @@ curate:
   pii: {{enabled: true}}  # emails, phone numbers, public IPs, keys/tokens -> placeholders
   heldout_fraction: 0.1 # documents kept for evaluation only, never trained on
 
+index:
+  enabled: true         # BM25 over ~120-word passages: RAFT training rows, open-book eval, `slmforge search`, serving
+  k: 2                  # passages put before a question
+
 generate:
   enabled: true         # extractive items from every chunk + teacher-written ones, each verified against its passage
+  user_questions: 4     # facts per chunk asked the way users ask ("What is the procedure to ...?", "What happens if ...?")
+  raft: {{enabled: true}} # each question also with its source passage among retrieved distractors, answer cited
   teacher:
     backend: transformers  # transformers = the base model teaches itself; openai = any OpenAI-compatible server
                            # (set base_url); none = extractive items only

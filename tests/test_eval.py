@@ -250,9 +250,21 @@ def test_eval_stage_freezes_benchmarks_writes_table_and_report(tiny_model, tmp_p
     from slmforge.cli import run_stages
 
     recipe, run = _fake_run(tmp_path, tiny_model)
-    run_stages(recipe, ["eval"])
+    run_stages(recipe, ["index", "eval"])  # the index: open-book variants of the question benchmarks
     ev = run.stage_dir("eval")
     results = json.loads((ev / "results.json").read_text())
+    # open book: the same items after the top passages of the deployed index (training + held-out pages)
+    for closed, opened in (("mcq", "mcq_open"), ("qa", "qa_open"), ("questions", "questions_open"),
+                           ("doc_questions", "doc_questions_open")):
+        assert results["benchmarks"][opened]["n"] == results["benchmarks"][closed]["n"]
+        rows_open, rows_closed = read_jsonl(ev / results["benchmarks"][opened]["file"]), read_jsonl(ev / results["benchmarks"][closed]["file"])
+        assert [r["id"] for r in rows_open] == [r["id"] for r in rows_closed]
+        assert all(r["passages"].startswith("Passages:\n[1] [") for r in rows_open if r["passages"])
+        assert set(results["scores"]["base"][opened]) == set(results["scores"]["base"][closed])
+    recall = results["benchmarks"]["mcq_open"]["retrieval_recall"]
+    assert 0 < recall["1"] <= recall["5"] <= 1  # held-out items: their own chunk is in the deployed index
+    assert results["benchmarks"]["questions_open"]["retrieval_recall"] is None  # your questions have no source chunk
+    assert "{{passages}}" in (ev / "lm_eval" / "mcq_open.yaml").read_text()
     assert [m["name"] for m in results["models"]] == ["base", "sft"]
     assert {"mcq", "cloze", "domain_ppl", "general_mcq", "general_ppl"} <= set(results["benchmarks"])
     for bench, meta in results["benchmarks"].items():
@@ -299,6 +311,7 @@ def test_eval_stage_freezes_benchmarks_writes_table_and_report(tiny_model, tmp_p
     assert html.count("data:image/png;base64,") >= 4  # funnel, paired differences, benchmark bars, general bars, loss curves
     assert 'alt="paired differences from the base"' in html and "Your questions" in html and "(no model)" in html
     assert "Sample generations" in html and "Forgetting check" in html and "slmforge run report: evaltest" in html
+    assert "Closed book vs open book" in html
 
     # frozen: a forced rerun rebuilds identical benchmark files (same hashes) and reuses the cached scores
     hashes = {b: m["sha256"] for b, m in results["benchmarks"].items()}

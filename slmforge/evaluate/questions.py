@@ -161,12 +161,12 @@ def prompt_of(row: dict, context: str | None = None) -> str:
 def score_mcq(model, tokenizer, rows: list[dict], *, batch_size: int = 8, contexts: list[str] | None = None) -> list[dict]:
     """Per item {id, acc, acc_norm, acc_norm_char, gold_nll, gold_tokens, pred_index, loglik}.
 
-    Tokens are lm-eval's: HFLM._encode_pair splits each (prompt, " option") pair exactly as lm-eval's loglikelihood does
-    (trailing context spaces move into the continuation, the whole string is tokenised, the context's own encoding is
-    the prefix). The log-likelihoods come from `shared_prefix_loglik`, not from HFLM.loglikelihood: lm-eval runs the
-    prompt once per option, and an open-book prompt (passages + question, ~400 tokens) before 4 short options made
-    that 4x the work; here the prompt runs once and its KV cache serves every option. Same tokens, same sums (a test
-    compares the two engines item by item).
+    The engine is lm-eval's HFLM.loglikelihood (the one the benchmark tasks run on); per-token normalisation divides
+    by the tokens HFLM._encode_pair gives the option (the very split lm-eval scores: trailing context spaces move into
+    the continuation, the whole string is tokenised, the context's own encoding is the prefix). With `contexts` (open
+    book: ~400 tokens of passages before 4 short options) the sums come from `shared_prefix_loglik` instead: lm-eval
+    runs the prompt once per option, this runs it once and reuses its KV cache for the options. Same tokens, same
+    sums (a test compares the two engines item by item).
     acc_norm divides by the option's tokens; acc_norm_char by its characters (lm-eval's own acc_norm).
     """
     from slmforge.evaluate.scoring import _quiet_lm_eval, offline_env
@@ -177,14 +177,22 @@ def score_mcq(model, tokenizer, rows: list[dict], *, batch_size: int = 8, contex
 
     if contexts is not None and len(contexts) != len(rows):
         raise ValueError(f"contexts: {len(contexts)} given for {len(rows)} items")
+    from lm_eval.api.instance import Instance
+
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    prompts = [prompt_of(row, contexts[i] if contexts else None) for i, row in enumerate(rows)]
+    pairs = [[lm._encode_pair(p, f" {option}") for option in row["choices"]] for p, row in zip(prompts, rows)]
+    if contexts is None:  # short prompts: lm-eval's own batched engine
+        requests = [Instance(request_type="loglikelihood", doc=row, arguments=(p, f" {o}"), idx=j)
+                    for p, row in zip(prompts, rows) for j, o in enumerate(row["choices"])]
+        flat = iter([float(r[0]) for r in lm.loglikelihood(requests, disable_tqdm=True)] if requests else [])
+        logliks = [[next(flat) for _ in row["choices"]] for row in rows]
+    else:  # a long shared prompt before short options: run it once
+        logliks = [shared_prefix_loglik(model, item_pairs, max_length=lm.max_length) for item_pairs in pairs]
     out = []
-    for i, row in enumerate(rows):
-        prompt = prompt_of(row, contexts[i] if contexts else None)
-        pairs = [lm._encode_pair(prompt, f" {option}") for option in row["choices"]]
-        lls = shared_prefix_loglik(model, pairs, max_length=lm.max_length)
-        tokens = [len(cont) for _, cont in pairs]
+    for row, item_pairs, lls in zip(rows, pairs, logliks):
+        tokens = [len(cont) for _, cont in item_pairs]
         chars = [len(option) for option in row["choices"]]
         gold = row["answer_index"]
         argmax = lambda xs: max(range(len(xs)), key=xs.__getitem__)  # noqa: E731 - first maximum, as numpy's argmax
