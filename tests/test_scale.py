@@ -145,3 +145,29 @@ def test_curate_on_a_two_node_ray_cluster_is_byte_identical_to_local(tmp_path):
         nodes = cluster.nodes_used()
     _assert_same(local, on_ray)
     assert nodes == {"head", "worker"}, f"tasks ran only on {nodes}"
+
+
+# ------------------------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("name, kind, processes, extra", [
+    ("1gpu.yaml", "NO", 1, {}),
+    ("ddp-8gpu.yaml", "MULTI_GPU", 8, {}),
+    ("fsdp-8gpu.yaml", "FSDP", 8, {"use_fsdp": True, "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}),
+    ("deepspeed-zero2-8gpu.yaml", "DEEPSPEED", 8, {"use_deepspeed": True, "zero_stage": 2}),
+    ("deepspeed-zero3-8gpu.yaml", "DEEPSPEED", 8, {"use_deepspeed": True, "zero_stage": 3, "zero3_save_16bit_model": "true"}),
+])
+def test_shipped_accelerate_configs_parse_as_accelerate_reads_them(name, kind, processes, extra):
+    """examples/accelerate/*.yaml through accelerate's own config loader and `accelerate launch` argument checks (no
+    GPU here to run them; the FSDP one also runs, resized to 2 CPU processes, in tests/test_train.py)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    path = REPO / "examples" / "accelerate" / name
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value == kind and config.num_processes == processes and config.mixed_precision in ("no", "bf16")
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "slmforge.train.job", "job.json"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == processes
+    for key, value in extra.items():
+        assert str(getattr(args, key)).lower() == str(value).lower(), key
+    assert sorted(p.name for p in path.parent.glob("*.yaml")) == sorted(
+        ["1gpu.yaml", "ddp-8gpu.yaml", "fsdp-8gpu.yaml", "deepspeed-zero2-8gpu.yaml", "deepspeed-zero3-8gpu.yaml"])
