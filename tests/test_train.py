@@ -385,9 +385,9 @@ def test_real_default_model_from_gguf_trains_and_generates(tmp_path, monkeypatch
 
 def test_fsdp2_two_processes_match_one_process_resume_and_export_full_weights(tmp_path, tiny_model, monkeypatch):
     """FSDP2 (torch fully_shard, gloo on CPU) through the shipped examples/accelerate/fsdp-8gpu.yaml, resized to 2 CPU
-    processes: the loss curve matches 1 process on the same global batch (within 1%; see below), the model exported is
-    the full gathered weights (every tensor at full shape), and a run resumed from its step-2 checkpoint ends
-    with the same weights as the uninterrupted one."""
+    processes trains with 1 process's losses on the same global batch up to its first optimizer step (not after: see
+    below), exports the full gathered weights (every tensor at full shape), and a run resumed from its step-2
+    checkpoint ends with the same weights as the uninterrupted one."""
     from slmforge.train import job as train_job
 
     general = tmp_path / "general.jsonl"
@@ -426,12 +426,11 @@ def test_fsdp2_two_processes_match_one_process_resume_and_export_full_weights(tm
     update = max((w1[k] - before[k]).abs().max().item() for k in before)
     print(f"FSDP2 2 vs 1 process: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e} (update {update:.2e}); "
           f"losses {losses1} vs {losses2}")
-    # The first optimizer step is the same (step 1 has lr 0 in warmup; the losses up to the step after it agree to
-    # ~1e-6), later ones drift: measured loss curves within 0.3% over 4 steps, weights apart by about one step's update.
-    # A bare accelerate + FSDP2 loop (same model, fused AdamW, no Trainer) matches 1 process exactly, so the drift lies
-    # in the Trainer's FSDP path; DDP (test above) matches to 1e-7. Hence a loss-curve tolerance here, not DDP's.
+    # Not asserted: the curves after the second optimizer step. They drift apart under the Trainer's FSDP2 path (tiny
+    # model: 0.2% at step 4; the real 135M model: 5% at step 3, 15% at step 4), while a bare accelerate + FSDP2 loop
+    # (same fused AdamW, no Trainer) matched 1 process to 1e-6 and DDP (test above) matches to 1e-7. Open; see
+    # docs/scale.md. What holds, asserted: the same losses up to and after the first optimizer step (step 1 has lr 0).
     assert max(abs(a - b) for a, b in zip(losses1[:2], losses2[:2])) < 1e-4
-    assert all(abs(a - b) / a < 0.01 for a, b in zip(losses1, losses2))
     assert update > 1e-4 and max((w2[k] - before[k]).abs().max().item() for k in before) > 1e-4  # both trained
 
     # resume: as if the run had been killed after its step-2 checkpoint (the Trainer gathers the model and optimizer
