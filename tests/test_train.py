@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -380,3 +381,70 @@ def test_real_default_model_from_gguf_trains_and_generates(tmp_path, monkeypatch
     before, after = _weights(folder), _weights(run.stage_dir("dapt") / "model")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert generate_text(run.stage_dir("dapt") / "model", tokens=4).strip()
+
+
+def test_fsdp2_two_processes_match_one_process_resume_and_export_full_weights(tmp_path, tiny_model, monkeypatch):
+    """FSDP2 (torch fully_shard, gloo on CPU) through the shipped examples/accelerate/fsdp-8gpu.yaml, resized to 2 CPU
+    processes trains with 1 process's losses on the same global batch up to its first optimizer step (not after: see
+    below), exports the full gathered weights (every tensor at full shape), and a run resumed from its step-2
+    checkpoint ends with the same weights as the uninterrupted one."""
+    from slmforge.train import job as train_job
+
+    general = tmp_path / "general.jsonl"
+    atomic_write_jsonl(general, [{"text": t} for t in GENERAL])
+    config = yaml.safe_load((ROOT / "examples" / "accelerate" / "fsdp-8gpu.yaml").read_text())
+    config.update(num_processes=2, mixed_precision="no", use_cpu=True, main_process_port=train_job._free_port())
+    config.pop("gpu_ids")
+    fsdp_yaml = tmp_path / "fsdp-2cpu.yaml"
+    fsdp_yaml.write_text(yaml.safe_dump(config))
+
+    kept = {}
+    real_train = train_job.train
+
+    def train_and_keep_checkpoints(kind, *, model, data, ctx, cfg):  # the stage removes its scratch when it publishes
+        result = real_train(kind, model=model, data=data, ctx=ctx, cfg=cfg)
+        kept[cfg.accelerate_config is not None] = folder = shutil.copytree(ctx.scratch / "checkpoints", tmp_path / f"kept-{len(kept)}")
+        shutil.copy(data, folder / "data.jsonl")
+        return result
+
+    monkeypatch.setattr("slmforge.train.stage.train", train_and_keep_checkpoints)
+    results, before = {}, _weights(Path(tiny_model))
+    for name, extra in (("one", {"batch_size": 4}), ("fsdp", {"batch_size": 2, "accelerate_config": str(fsdp_yaml)})):
+        recipe, run = make_run(tmp_path / name, tiny_model, general_file=general,
+                               dapt={"enabled": True, **TINY_TRAIN, "max_steps": 4, "save_steps": 2, "report_to": [],
+                                     "learning_rate": 1e-3, "precision": "fp32", **extra})
+        outcome = run.execute(dapt.DaptStage(), recipe)
+        results[name] = (_weights(run.stage_dir("dapt") / "model"), json.loads((run.stage_dir("dapt") / "log_history.json").read_text()),
+                         outcome.manifest["counts"])
+    (w1, log1, c1), (w2, log2, c2) = results["one"], results["fsdp"]
+    assert c1["processes"] == 1 and c2["processes"] == 2
+    losses1, losses2 = [h["loss"] for h in log1 if "loss" in h], [h["loss"] for h in log2 if "loss" in h]
+    assert len(losses1) == len(losses2) == 4
+    loss_diff = max(abs(a - b) for a, b in zip(losses1, losses2))
+    assert sorted(w2) == sorted(w1) and all(w2[k].shape == w1[k].shape for k in w1)  # full weights, not shards
+    weight_diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    update = max((w1[k] - before[k]).abs().max().item() for k in before)
+    print(f"FSDP2 2 vs 1 process: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e} (update {update:.2e}); "
+          f"losses {losses1} vs {losses2}")
+    # Not asserted: the curves after the second optimizer step. They drift apart under the Trainer's FSDP2 path (tiny
+    # model: 0.2% at step 4; the real 135M model: 5% at step 3, 15% at step 4), while plain Trainer + FSDP2 runs
+    # matched 1 process to 1e-6 and this stage under DDP matches over 4 steps. Open; see docs/scale.md. What holds, asserted: the same losses up to and after the first optimizer step (step 1 has lr 0).
+    assert max(abs(a - b) for a, b in zip(losses1[:2], losses2[:2])) < 1e-4
+    assert update > 1e-4 and max((w2[k] - before[k]).abs().max().item() for k in before) > 1e-4  # both trained
+
+    # resume: as if the run had been killed after its step-2 checkpoint (the Trainer gathers the model and optimizer
+    # state into it under FSDP2 here: model.safetensors + optimizer.pt)
+    ckpt = kept[True]
+    assert (ckpt / "checkpoint-2" / "optimizer.pt").is_file(), sorted(p.name for p in ckpt.rglob("*"))
+    shutil.rmtree(ckpt / "checkpoint-4")
+    (ckpt / "result.json").unlink()
+    spec = json.loads((ckpt / "job.json").read_text())
+    spec.update(output_dir=str(ckpt), out=str(tmp_path / "resumed"), data=str(ckpt / "data.jsonl"))
+    (tmp_path / "resumed").mkdir()
+    train_job.launch(spec, train_job.SECTIONS["dapt"].model_validate(spec["config"]), ckpt)
+    resumed = json.loads((ckpt / "result.json").read_text())
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    w3 = _weights(tmp_path / "resumed" / "model")
+    resume_diff = max((w2[k] - w3[k]).abs().max().item() for k in w2)
+    print(f"FSDP2 resumed from step 2 vs uninterrupted: max weight diff {resume_diff:.2e}")
+    assert resume_diff < 1e-5

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import shlex
+import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -34,6 +37,23 @@ def chunk_adapter(self, document) -> dict:
     return row
 
 
+# curate.executor_options for Ray that go to `ray.init` (which cluster, what code to ship), not to datatrove's executor
+RAY_INIT_OPTIONS = ("address", "runtime_env", "namespace")
+
+
+def _run_on_ray(cfg, chain) -> None:
+    """Connect to the Ray cluster named by `executor_options.address` (else $RAY_ADDRESS, else a local one-machine
+    cluster, as ray.init decides), then run the chain: datatrove's Ray executor expects `ray.init` done beforehand."""
+    import ray
+
+    ray.init(**{k: cfg.executor_options[k] for k in RAY_INIT_OPTIONS if k in cfg.executor_options},
+             logging_level="WARNING", log_to_driver=False)
+    try:
+        chain.run()
+    finally:
+        ray.shutdown()
+
+
 def _executor(cfg, pipeline, logging_dir: Path, tasks: int, depends=None):
     if cfg.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
@@ -43,21 +63,65 @@ def _executor(cfg, pipeline, logging_dir: Path, tasks: int, depends=None):
     if cfg.executor == "ray":
         from datatrove.executor.ray import RayPipelineExecutor
 
+        opts = {k: v for k, v in cfg.executor_options.items() if k not in RAY_INIT_OPTIONS}
         return RayPipelineExecutor(pipeline, tasks=tasks, workers=cfg.workers, logging_dir=str(logging_dir),
-                                   depends=depends, skip_completed=True, **cfg.executor_options)
+                                   depends=depends, skip_completed=True, **opts)
     from datatrove.executor import SlurmPipelineExecutor
 
-    opts = {"time": "01:00:00", "partition": "cpu", **cfg.executor_options}
+    opts = {"time": "01:00:00", "partition": "cpu", "job_name": f"slmforge-curate-{logging_dir.name}", **cfg.executor_options}
+    if not {"env_command", "venv_path", "condaenv"} & set(opts):
+        # the jobs run datatrove's `launch_pickled_pipeline` / `merge_stats` commands: take them from the Python that
+        # submits (its venv need not be activated), as datatrove would only find them on the PATH
+        opts["env_command"] = f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH"
     return SlurmPipelineExecutor(pipeline, tasks=tasks, logging_dir=str(logging_dir), depends=depends, **opts)
 
 
-def _wait_for(executor, timeout_s: float = 24 * 3600) -> None:
-    """Slurm's run() only submits; block until the last job's tasks have all written completion markers."""
-    start = time.time()
-    while executor.get_incomplete_ranks(skip_completed=True):
+def _chain(executor) -> list:
+    """The executors of a chain, first to last (datatrove forgets `depends` once it has submitted a job)."""
+    out = []
+    while executor is not None:
+        out.insert(0, executor)
+        executor = executor.depends
+    return out
+
+
+def _squeue(job_ids: set[str]) -> list[tuple[str, str, str]]:
+    """(job id, state, reason) of our jobs still in Slurm's queue: the ones submitted for the steps and every job
+    depending on them (datatrove's stats-merging jobs, whose ids it does not keep). Adds the dependants to job_ids."""
+    out = subprocess.run(["squeue", "-h", "-o", "%F|%T|%r|%E"], capture_output=True, text=True)
+    rows = [line.split("|", 3) for line in out.stdout.splitlines() if line.count("|") == 3]
+    grew = True
+    while grew:  # a job whose dependency names one of ours is ours (dependencies read like "afterok:12_*(unfulfilled)")
+        new = {r[0] for r in rows if r[0] not in job_ids and job_ids & set(re.findall(r"\d+", r[3]))}
+        job_ids |= new
+        grew = bool(new)
+    return [(r[0], r[1], r[2]) for r in rows if r[0] in job_ids]
+
+
+def _wait_for(executors: list, timeout_s: float = 24 * 3600) -> None:
+    """Slurm's run() only submits; block until the last job's tasks have all written completion markers. A job that
+    failed (its dependants can then never start) or jobs that left the queue with tasks unfinished are an error naming
+    the Slurm logs, not an endless wait."""
+    last, start, delay = executors[-1], time.time(), 0.5
+    job_ids = {str(e.job_id) for e in executors if e.job_id not in (None, -1)}
+    while incomplete := last.get_incomplete_ranks(skip_completed=True):
+        queued = _squeue(job_ids)
+        stuck = [j for j, _, reason in queued if "DependencyNeverSatisfied" in reason]
+        if not queued and not last.get_incomplete_ranks(skip_completed=True):
+            break  # the last task finished between the two looks
+        if stuck or not queued:
+            failed = [e for e in executors if e.get_incomplete_ranks(skip_completed=True)]
+            if stuck:
+                subprocess.run(["scancel", *sorted(job_ids)], capture_output=True)
+            first = failed[0] if failed else last
+            raise RuntimeError(
+                f"Slurm job {first.job_id} ({first.job_name}) ended with tasks {first.get_incomplete_ranks(skip_completed=True)} "
+                f"unfinished{'; the jobs after it were cancelled' if stuck else ''}; its logs: {first.slurm_logs_folder}")
         if time.time() - start > timeout_s:
-            raise TimeoutError(f"datatrove jobs did not finish within {timeout_s}s; see {executor.logging_dir}")
-        time.sleep(10)
+            raise TimeoutError(f"datatrove jobs did not finish within {timeout_s}s ({len(incomplete)} tasks left); "
+                               f"see {last.logging_dir.path}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 10)
 
 
 def build_pipeline(cfg, seed: int, chunks: list[Chunk], heldout: set[str], work: Path):
@@ -195,21 +259,27 @@ class CurateStage(Stage):
 
         from slmforge.procs import ChildFailed, run_in_group
 
+        stderr = sys.stderr  # inside the block sys.stderr is the log file, closed after it: loguru goes back to this one
         with open(work / "datatrove.log", "a") as log, contextlib.redirect_stderr(log):
             logger.remove()
             logger.add(log)
             try:
-                # in a child process group that dies with the build: a kill -9 of the build leaves no datatrove
-                # worker (forkserver pool, Manager) running on, orphaned
-                run_in_group(chain.run, what="the datatrove pipeline")
+                if cfg.executor == "slurm":
+                    # submitting is a few sbatch calls, here in the build; Slurm runs the jobs and owns their processes
+                    executors = _chain(chain)
+                    chain.run()
+                    _wait_for(executors)
+                else:
+                    # in a child process group that dies with the build: a kill -9 of the build leaves no datatrove
+                    # worker (forkserver pool, Manager) running on, orphaned
+                    run = (lambda: _run_on_ray(cfg, chain)) if cfg.executor == "ray" else chain.run
+                    run_in_group(run, what="the datatrove pipeline")
             except ChildFailed as err:
                 log.write(err.traceback)
                 raise RuntimeError(f"{err} (traceback in {work / 'datatrove.log'})") from None
             finally:
                 logger.remove()
-                logger.add(sys.stderr, level="WARNING")
-        if cfg.executor == "slurm":
-            _wait_for(chain)
+                logger.add(stderr, level="WARNING")
 
         self._collect(ctx, chunks, heldout, documents)
         ctx.counts["resumed_steps"] = resumed  # datatrove steps a killed earlier attempt had already finished

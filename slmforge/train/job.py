@@ -45,6 +45,11 @@ def run_job(job: dict) -> dict:
     trainer = _trainer_factory(job["kind"])(model, tok, dataset, trainer_kwargs(cfg, output_dir, job["seed"]), cfg)
     trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout; the progress callback prints a tidy line instead
     trainer.add_callback(progress_callback(f"{job['kind']} steps"))
+    # FSDP and DeepSpeed shard the weights over the ranks: the full model is gathered by every rank together below
+    sharded = bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+    if sharded and cfg.method == "lora":
+        raise ValueError(f"{job['kind']}: method lora under an FSDP/DeepSpeed accelerate_config is not supported (its "
+                         "adapter would be saved and merged from sharded weights); use method: full, or DDP (processes)")
     resume = last_checkpoint(output_dir)
     resumed_from = int(Path(resume).name.split("-")[-1]) if resume else 0
     started = time.time()
@@ -52,8 +57,9 @@ def run_job(job: dict) -> dict:
     seconds = time.time() - started
     state = trainer.state
     summary = {}
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if sharded else None  # a collective: every rank
     if trainer.is_world_process_zero():
-        save_outputs(trainer, tok, job["model"], out, cfg.method == "lora", job["kind"])
+        save_outputs(trainer, tok, job["model"], out, cfg.method == "lora", job["kind"], state_dict=full_state)
         losses = [h["loss"] for h in state.log_history if "loss" in h]
         tokens_seen = int(state.num_input_tokens_seen)
         session_tokens = tokens_seen - _tokens_at(state.log_history, resumed_from)
@@ -127,8 +133,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def save_outputs(trainer, tok, source: str, out: Path, lora: bool, kind: str) -> None:
-    """The stage's model (complete; LoRA merged), adapter (LoRA), log history and tensorboard events into its out folder."""
+def save_outputs(trainer, tok, source: str, out: Path, lora: bool, kind: str, state_dict: dict | None = None) -> None:
+    """The stage's model (complete; LoRA merged), adapter (LoRA), log history and tensorboard events into its out folder.
+    `state_dict`: the full weights gathered from the ranks when training sharded them (FSDP, DeepSpeed ZeRO-3)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if lora:
         model.save_pretrained(out / adapter(kind).name)
@@ -136,7 +143,7 @@ def save_outputs(trainer, tok, source: str, out: Path, lora: bool, kind: str) ->
         model = model.merge_and_unload()
     model.config.use_cache = True  # the Trainer turns the KV cache off for training; generation wants it back
     folder = out / trained_model(kind).name
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     # the source's own tokenizer files: the chat template on disk stays the base's (training-only markers never leak)
     from transformers import AutoTokenizer
 
