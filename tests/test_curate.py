@@ -128,7 +128,7 @@ def test_curate_that_keeps_nothing_stops_naming_the_filter_and_counts(tmp_path, 
 
     from slmforge.cli import app
 
-    recipe = write_recipe(tmp_path, corpus, curate={"quality": {"min_words": 50_000}})
+    recipe = write_recipe(tmp_path, corpus, curate={"quality": {"mode": "absolute", "min_words": 50_000}})
     result = CliRunner().invoke(app, ["build", str(recipe), "--until", "curate"])
     assert result.exit_code == 1, result.output
     out = " ".join(result.output.split())
@@ -146,7 +146,7 @@ def test_a_filter_removing_over_half_is_a_warning(tmp_path, corpus):
     for i in range(30):  # distinct short notes: under quality.min_words, so the quality filter removes them
         rng = random.Random(i)
         (corpus / f"short{i:02d}.txt").write_text(" ".join(f"{rng.choice(words)}{rng.randint(1, 999)}" for _ in range(9)))
-    counts, out = _run(tmp_path, corpus, heldout_fraction=0.25)
+    counts, out = _run(tmp_path, corpus, heldout_fraction=0.25, quality={"mode": "absolute"})  # the web-text rules
     report = json.loads((out / "report.json").read_text())
     assert counts["train_chunks"] > 0
     warnings = [w for w in counts["warnings"] if "quality filter removed" in w]
@@ -171,7 +171,7 @@ def test_curate_that_keeps_next_to_nothing_stops_naming_the_filter(tmp_path, cor
     for i in range(60):  # distinct short notes, under quality.min_words: the quality filter removes all of them
         rng = random.Random(i)
         (corpus / f"short{i:02d}.txt").write_text(" ".join(f"{rng.choice(words)}{rng.randint(1, 999)}" for _ in range(9)))
-    recipe = write_recipe(tmp_path, corpus, curate={"heldout_fraction": 0.0})
+    recipe = write_recipe(tmp_path, corpus, curate={"heldout_fraction": 0.0, "quality": {"mode": "absolute"}})
     result = CliRunner().invoke(app, ["build", str(recipe), "--until", "curate"])
     out = " ".join(result.output.split())
     assert result.exit_code == 1 and "kept only" in out and "the quality filter removed 60" in out, out

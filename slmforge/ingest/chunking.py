@@ -145,10 +145,14 @@ def chunk_document(doc: Document, counter: TokenCounter, chunk_tokens: int, over
         if n > chunk_tokens and len(groups[i]) > 1:
             moved = groups[i].pop()
             following = groups[i + 1] if i + 1 < len(groups) else []
+            # the next chunk may begin with `moved`'s closing sentences, carried as overlap: the whole unit replaces
+            # them there, or the chunk would hold those sentences twice
+            tail = (following[0] if following and following[0] is not moved and following[0].section == moved.section
+                    and moved.text.endswith(following[0].text) else None)
             if any(u is moved for u in following):
                 pass  # already there as overlap
-            elif following and sum(u.tokens + 1 for u in following) + moved.tokens + 1 <= chunk_tokens:
-                following.insert(0, moved)
+            elif following and sum(u.tokens + 1 for u in following) - (tail.tokens + 1 if tail else 0) + moved.tokens + 1 <= chunk_tokens:
+                following[: 1 if tail else 0] = [moved]
             else:
                 groups.insert(i + 1, [moved])
             continue
