@@ -29,7 +29,8 @@ class Section(BaseModel):
 class IngestConfig(Section):
     enabled: bool = True
     include: list[str] = Field(
-        default_factory=lambda: ["*.txt", "*.md", "*.markdown", "*.html", "*.htm", "*.pdf", "*.docx"],
+        default_factory=lambda: ["*.txt", "*.md", "*.markdown", "*.html", "*.htm", "*.pdf", "*.docx",
+                                 "*.rst", "*.rest", "*.pod", "*.man", "*.[1-9]"],  # reStructuredText, POD, man pages
         description="file name patterns to read, searched recursively",
     )
     exclude: list[str] = Field(default_factory=list, description="path patterns to skip (relative to documents)")
