@@ -76,6 +76,8 @@ class BrokenTextConfig(Section):
     max_top_ngram_frac: float = Field(0.5, gt=0, description="the most frequent 2-4-gram, share of the chunk's characters")
     max_control_char_ratio: float = Field(0.05, gt=0, description="control or U+FFFD characters, share of the chunk "
                                           "(binary bytes decoded as text)")
+    max_encoded_char_ratio: float = Field(0.5, gt=0, description="characters in base64/hex-like runs of 40+, share "
+                                          "of the chunk (an embedded image, key or dump)")
 
 
 class QualityConfig(Section):

@@ -164,17 +164,29 @@ def control_char_ratio(text: str) -> float:
     return bad / len(text)
 
 
-class QualityFilter(GopherQualityFilter):
-    """datatrove's GopherQualityFilter plus the one check Gopher lacks: binary bytes decoded as text (control and
-    replacement characters), which Gopher's word statistics let through (\xff and \xe0 decode to letters)."""
+_ENCODED_RUN = re.compile(r"[A-Za-z0-9+/=]{40,}")  # base64 / hex: 40+ characters without a space or punctuation
 
-    def __init__(self, max_control_char_ratio: float | None = None, **gopher):
+
+def encoded_char_ratio(text: str) -> float:
+    """Share of characters inside base64- or hex-like runs (an embedded image, key or dump)."""
+    return sum(len(m) for m in _ENCODED_RUN.findall(text)) / len(text) if text else 0.0
+
+
+class QualityFilter(GopherQualityFilter):
+    """datatrove's GopherQualityFilter plus the two checks Gopher lacks: binary bytes decoded as text (control and
+    replacement characters, which Gopher's word statistics let through: \xff and \xe0 decode to letters) and
+    encoded blobs (base64 splits into "words" at + and /, so its average word length can look like code's)."""
+
+    def __init__(self, max_control_char_ratio: float | None = None, max_encoded_char_ratio: float | None = None, **gopher):
         super().__init__(**gopher)
         self.max_control_char_ratio = max_control_char_ratio
+        self.max_encoded_char_ratio = max_encoded_char_ratio
 
     def filter(self, doc: Document):
         if self.max_control_char_ratio is not None and control_char_ratio(doc.text) > self.max_control_char_ratio:
             return False, "broken_control_chars"
+        if self.max_encoded_char_ratio is not None and encoded_char_ratio(doc.text) > self.max_encoded_char_ratio:
+            return False, "broken_encoded_blob"
         return super().filter(doc)
 
 

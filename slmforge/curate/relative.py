@@ -114,10 +114,12 @@ def relative_bound(values: np.ndarray, stat: Stat, z: float, share: float) -> fl
         return stat.gopher
     med = float(np.median(values))
     scale = 1.4826 * float(np.median(np.abs(values - med)))
+    # "higher"/"lower": an observed value, so at most share·n chunks lie beyond it; a corpus of under 1/share chunks
+    # has no quantile outliers at all (its most extreme chunk is not an outlier just for being the most extreme)
     if stat.high_is_bad:
-        bound = max(stat.gopher, med + z * scale, float(np.quantile(values, 1 - share)))
+        bound = max(stat.gopher, med + z * scale, float(np.quantile(values, 1 - share, method="higher")))
         return min(bound, stat.broken)
-    bound = min(stat.gopher, med - z * scale, float(np.quantile(values, share)))
+    bound = min(stat.gopher, med - z * scale, float(np.quantile(values, share, method="lower")))
     return max(bound, stat.broken)
 
 

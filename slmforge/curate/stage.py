@@ -120,8 +120,10 @@ def build_pipeline(cfg, seed: int, chunks: list[Chunk], heldout: set[str], work:
     q = cfg.quality
     if q.enabled:
         # the bounds: the recipe's (absolute) or derived from this corpus's chunks (relative); see curate/relative.py
-        broken = q.broken.max_control_char_ratio if q.mode == "relative" else None
-        final_steps.append(QualityFilter(**quality_filter_kwargs(bounds, q.max_words), max_control_char_ratio=broken,
+        broken = q.broken if q.mode == "relative" else None  # absolute: exactly the web-text rules
+        final_steps.append(QualityFilter(**quality_filter_kwargs(bounds, q.max_words),
+                                         max_control_char_ratio=broken.max_control_char_ratio if broken else None,
+                                         max_encoded_char_ratio=broken.max_encoded_char_ratio if broken else None,
                                          exclusion_writer=excluded("quality")))
         if q.repetition:
             final_steps.append(GopherRepetitionFilter(**repetition_filter_kwargs(bounds), exclusion_writer=excluded("repetition")))
