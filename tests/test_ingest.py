@@ -533,3 +533,24 @@ def test_rst_pod_and_man_are_in_the_default_include_patterns(tmp_path):
         (tmp_path / name).write_text("x")
     found = {p.name for p in walk_documents(tmp_path, IngestConfig().include, []).files}
     assert {"a.rst", "b.pod", "c.1", "d.8", "e.man", "f.rst.txt"} <= found
+
+
+def test_man_page_cannot_read_other_files_or_loop_forever(tmp_path, monkeypatch):
+    import shutil
+
+    from slmforge.ingest import readers
+
+    if not shutil.which("groff"):
+        pytest.skip("groff (groff-base) is the man page reader")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET\n")
+    page = tmp_path / "inc.1"
+    page.write_text(f".TH INC 1\n.SH NAME\ninc \\- includes\n.SH DESCRIPTION\nBefore.\n.so {secret}\n.cf {secret}\n"
+                    f".mso {secret}\nAfter.\n")
+    doc = read_file(page, tmp_path)
+    assert "TOPSECRET" not in doc.text and "Before." in doc.text and "After." in doc.text
+    monkeypatch.setattr(readers, "MAN_TIMEOUT_S", 1.0)
+    (tmp_path / "loop.1").write_text(".TH LOOP 1\n.SH NAME\nloop\n.while 1 .\n")
+    with pytest.raises(ReadError) as err:
+        read_file(tmp_path / "loop.1", tmp_path)
+    assert err.value.reason == "corrupt man page" and "took over 1 s" in err.value.detail

@@ -362,7 +362,12 @@ def read_rst(data: bytes, path: Path, fallback: bool):
     from slmforge.ingest.rst import parse_rst
 
     text, enc = decode_text(data, fallback)
-    title, sections = parse_rst(text.replace("\r\n", "\n"))
+    try:
+        title, sections = parse_rst(text.replace("\r\n", "\n"))
+    except (RecursionError, MemoryError):
+        raise
+    except Exception as err:  # docutils raises its own types (and the odd IndexError) on malformed markup
+        raise ReadError("malformed reStructuredText", f"{type(err).__name__}: {str(err)[:200]}") from None
     return title, sections, enc
 
 
@@ -382,7 +387,9 @@ def _run_tool(argv: list[str], what: str, timeout: float = 60, **kw) -> bytes:
     if shutil.which(argv[0]) is None:
         raise ReadError(f"{what} reader unavailable", f"needs `{argv[0]}` on PATH")
     try:
-        done = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+        if "input" not in kw:
+            kw["stdin"] = subprocess.DEVNULL
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, **kw)
     except subprocess.TimeoutExpired:
         raise ReadError(f"corrupt {what}", f"{argv[0]} took over {timeout:g} s") from None
     if done.returncode != 0:
@@ -400,15 +407,21 @@ def read_pod(data: bytes, path: Path, fallback: bool):
     return name or title, sections, "utf-8"
 
 
+MAN_TIMEOUT_S = 10.0  # a real page renders in well under a second; roff can loop forever (`.while 1 .`)
+# requests that read other files into the page (groff's safer mode, its default, still allows these)
+_ROFF_FILE_REQUESTS = re.compile(rb"^[.'][ \t]*(?:so|mso|cf|trf|nx|rd|pso|open|opena|sy|pi|lf)(?=[ \t\n]|$).*$", re.M)
+
+
 def read_man(data: bytes, path: Path, fallback: bool):
     import os
 
     decode_text(data, fallback)
     env = {**os.environ, "GROFF_NO_SGR": "1", "LC_ALL": "C.UTF-8"}
     # -rcR=1: one continuous page (no page headers mid-text); -rLL=400n: lines long enough that a paragraph is one
-    # line; -P-cbou: no overstrike, bold, overline or underline sequences; -t: tables (tbl) as text
-    out = _run_tool(["groff", "-t", "-man", "-Tutf8", "-P-cbou", "-rcR=1", "-rLL=400n", "-rHY=0", str(path)], "man page",
-                    env=env).decode("utf-8", errors="replace")
+    # line; -P-cbou: no overstrike, bold, overline or underline sequences; -t: tables (tbl) as text. The page goes
+    # in on stdin with its file-reading requests removed: a document cannot pull /etc/passwd into the corpus.
+    out = _run_tool(["groff", "-t", "-man", "-Tutf8", "-P-cbou", "-rcR=1", "-rLL=400n", "-rHY=0", "-"], "man page",
+                    timeout=MAN_TIMEOUT_S, env=env, input=_ROFF_FILE_REQUESTS.sub(b"", data)).decode("utf-8", errors="replace")
     lines = [ln.rstrip() for ln in out.splitlines()]
     body = [i for i, ln in enumerate(lines) if ln.strip()]
     if len(body) < 3:
