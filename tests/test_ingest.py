@@ -523,6 +523,9 @@ def test_pod_and_man_pages_are_read_with_their_structure(tmp_path):
     assert by_path[("OPTIONS", "Exit status")] == "Zero on success."
     assert by_path[("EXAMPLE",)] == "frob --level 3 a.txt\nfrob b.txt"  # no-fill lines stay lines
     assert not any("FROB(1)" in s.text for s in doc.sections)  # page header and footer dropped
+    (tmp_path / "notes.1").write_text("plain words\nwithout a title request\n")  # no .TH: no page layout to read
+    doc = read_file(tmp_path / "notes.1", tmp_path)
+    assert doc.sections[0].headings == [] and doc.text == "plain words without a title request"
 
 
 def test_rst_pod_and_man_are_in_the_default_include_patterns(tmp_path):

@@ -424,9 +424,11 @@ def read_man(data: bytes, path: Path, fallback: bool):
                     timeout=MAN_TIMEOUT_S, env=env, input=_ROFF_FILE_REQUESTS.sub(b"", data)).decode("utf-8", errors="replace")
     lines = [ln.rstrip() for ln in out.splitlines()]
     body = [i for i, ln in enumerate(lines) if ln.strip()]
-    if len(body) < 3:
+    titled = re.search(rb"^[.'][ \t]*TH\b", data, re.M) is not None  # the man macros' page layout only follows .TH
+    if titled:
+        lines = lines[body[0] + 1: body[-1]] if len(body) >= 2 else []  # the page header ("LS(1) ... LS(1)") and footer
+    if not any(ln.strip() for ln in lines):
         raise ReadError("no text", "groff rendered no text")
-    lines = lines[body[0] + 1: body[-1]]  # the page header ("LS(1) ... LS(1)") and footer lines
     sections: list[Section] = []
     stack: list[tuple[int, str]] = []
     buf: list[str] = []
@@ -439,14 +441,14 @@ def read_man(data: bytes, path: Path, fallback: bool):
 
     for ln in lines:
         indent = len(ln) - len(ln.lstrip(" "))
-        if ln.strip() and indent in (0, 3) and len(ln.strip()) < 120:
+        if titled and ln.strip() and indent in (0, 3) and len(ln.strip()) < 120:
             flush()
             level = 1 if indent == 0 else 2
             while stack and stack[-1][0] >= level:
                 stack.pop()
             stack.append((level, " ".join(ln.split())))
             continue
-        buf.append(ln[7:] if ln.startswith(" " * 7) else ln.strip())
+        buf.append(ln[7:] if ln.startswith(" " * 7) else ln.strip() if titled else ln)
     flush()
     name = next((s.text.split("\n", 1)[0].strip() for s in sections if s.headings[:1] == ["NAME"]), None)
     return name, sections, "utf-8"
