@@ -557,3 +557,16 @@ def test_man_page_cannot_read_other_files_or_loop_forever(tmp_path, monkeypatch)
     with pytest.raises(ReadError) as err:
         read_file(tmp_path / "loop.1", tmp_path)
     assert err.value.reason == "corrupt man page" and "took over 1 s" in err.value.detail
+
+
+def test_chunks_hold_no_sentence_twice_and_no_one_entry_fragments(counter):
+    # a paragraph moved to the next chunk once landed beside its own carried closing sentences there
+    page = read_file(DEMO_DOCS / "datatype-boolean.html", DEMO_DOCS)
+    for chunk in chunk_document(page, counter, 384, 48, 24):
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", chunk.text) if len(s) > 60]
+        assert len(sentences) == len(set(sentences)), chunk.text
+    # pages of short API entries once overran the bound by their joins and split off one-entry chunks
+    api = read_file(MANUAL_PAGES / "stat.rst.txt", MANUAL_PAGES)
+    chunks = chunk_document(api, counter, 256, 0, 24)
+    assert all(c.n_tokens <= 256 for c in chunks)
+    assert [c.text for c in chunks[:-1] if c.n_tokens < 24] == []
