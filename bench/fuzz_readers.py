@@ -1,6 +1,8 @@
 """Fuzz every ingest reader through the per-file guard: generated inputs in, a Document or a ReadError out, never
 anything else. Inputs are built by hypothesis (derandomized: the same inputs on every run) from format-aware
-strategies: random bytes and text in several codecs for txt/md, tag soup for HTML, mutated real PDFs and DOCX files.
+strategies: random bytes and text in several codecs for txt/md, tag soup for HTML, mutated real PDFs and DOCX files,
+markup soup for reStructuredText, POD and man pages (roff requests included: .so, loops, macro definitions; a loop
+that never ends is left to a test of its own, as each costs the man reader's whole time limit).
 
     escaped   exceptions other than ReadError that left the guard (must be 0)
     caught    inputs on which the reader itself raised something unexpected, turned into a rejection by the guard
@@ -35,6 +37,21 @@ _HTML = ["<div>", "</div>", "<p>", "</p>", "<pre>", "</pre>", "<h1>", "</h1>", "
          "</tr></table>", "<ul><li>", "</li></ul>", "<script>var x=1;</script>", "<style>p{}</style>", "<nav>menu</nav>",
          "<a href='x'>", "</a>", "<code>", "</code>", "&amp;", "&#0;", "&#x110000;", "<!--", "-->", "<![CDATA[", "]]>",
          "<title>", "</title>", "<body>", "<html>", "<br/>", "<dl><dt>", "<dd>", "<svg><g>", "\x00", "\ufeff"]
+
+
+_RST = ["Title\n=====\n", "Sub\n---\n", "\n\n", ".. function:: f(a, b)\n", ".. method:: C.m()\n", ".. class:: C\n",
+        ".. module:: m\n", ".. versionchanged:: 3.1\n", ".. seealso::\n", ".. code-block:: python\n", ".. toctree::\n",
+        ".. include:: /etc/passwd\n", ".. raw:: html\n", ".. frob:: x\n", ".. note::\n", ".. list-table::\n",
+        "   :header-rows: 1\n", "   * - a\n     - b\n", "   ", ":func:`x`", ":ref:`t <l>`", ":made:`up`", "``lit``",
+        "*em*", "**b**", "`t`_", ".. _t: http://x\n", "|sub|", ".. |sub| replace:: s\n", "::\n\n    code\n",
+        "+---+---+\n| a | b |\n+---+---+\n", "===  ===\na    b\n===  ===\n", "- item\n", "1. item\n", "term\n  def\n",
+        ":field: body\n", "-o  option\n", "[#]_", ".. [#] note\n", "\\", "\x00"]
+_POD = ["=head1 NAME\n\n", "=head2 X\n\n", "=over 4\n\n", "=item B<x>\n\n", "=back\n\n", "=cut\n", "=pod\n\n",
+        "=begin html\n\n", "=end html\n\n", "=for comment\n", "=encoding utf8\n\n", "=encoding bogus\n\n",
+        "  verbatim code\n", "B<", "I<", "C<", "L<", "E<gt>", "E<0x110000>", "S<", ">", ">>", "Z<>", "\n\n", "\x00"]
+_MAN = [".TH X 1\n", ".SH NAME\n", ".SS Sub\n", ".TP\n", ".IP\n", ".PP\n", ".nf\n", ".fi\n", ".B ", ".I ", ".BR ",
+        "\\fB", "\\fI", "\\fR", "\\-", "\\(em", "\\*(", ".de xx\n..\n", ".xx\n", ".so /etc/passwd\n", ".ig\n", ".TS\n",
+        "l l.\na\tb\n", ".TE\n", ".if n .ti 0\n", ".ll 2000i\n", ".nr x 1\n", ".while \\n[x] .nr x -1\n", "\\n[x]", "\n", "\x00"]
 
 
 def _texty(pieces: list[str]):
@@ -124,6 +141,9 @@ def strategies() -> dict[str, tuple[str, object]]:
                                     st.integers(1, 3000).map(lambda n: ("<div>" * n + "x" + "</div>" * n).encode()))),
         "pdf": (".pdf", st.one_of(_mutate(pdf), st.binary(max_size=500).map(lambda b: b"%PDF-1.4\n" + b))),
         "docx": (".docx", st.one_of(_mutate(docx_bytes), _zip_soup(), st.binary(max_size=300).map(lambda b: b"PK\x03\x04" + b))),
+        "rst": (".rst", st.one_of(_encoded(_texty(_RST)), st.binary(max_size=500))),
+        "pod": (".pod", st.one_of(_encoded(_texty(_POD)), st.binary(max_size=500))),
+        "man": (".1", st.one_of(_encoded(_texty(_MAN)), st.binary(max_size=500))),
     }
 
 

@@ -29,7 +29,8 @@ class Section(BaseModel):
 class IngestConfig(Section):
     enabled: bool = True
     include: list[str] = Field(
-        default_factory=lambda: ["*.txt", "*.md", "*.markdown", "*.html", "*.htm", "*.pdf", "*.docx"],
+        default_factory=lambda: ["*.txt", "*.md", "*.markdown", "*.html", "*.htm", "*.pdf", "*.docx",
+                                 "*.rst", "*.rest", "*.pod", "*.man", "*.[1-9]"],  # reStructuredText, POD, man pages
         description="file name patterns to read, searched recursively",
     )
     exclude: list[str] = Field(default_factory=list, description="path patterns to skip (relative to documents)")
@@ -60,10 +61,40 @@ class NearDedupConfig(Section):
     hashes_per_bucket: int = Field(8, ge=1)
 
 
+class BrokenTextConfig(Section):
+    """Bounds past which a chunk is not text, whatever the corpus looks like (applied in relative mode)."""
+
+    min_words: int = Field(5, ge=0)
+    min_avg_word_length: float = Field(1.5, ge=0)
+    max_avg_word_length: float = Field(25.0, gt=0)
+    max_symbol_word_ratio: float = Field(0.5, gt=0, description="'#' or '...' per word")
+    max_bullet_lines_ratio: float = Field(1.0, gt=0)
+    max_ellipsis_lines_ratio: float = Field(0.9, gt=0)
+    min_alpha_words_ratio: float = Field(0.2, ge=0, le=1, description="share of words containing a letter")
+    min_stop_words: int = Field(0, ge=0)
+    max_repetition_frac: float = Field(0.6, gt=0, description="duplicated lines / paragraphs / n-grams, share of the chunk")
+    max_top_ngram_frac: float = Field(0.5, gt=0, description="the most frequent 2-4-gram, share of the chunk's characters")
+    max_control_char_ratio: float = Field(0.05, gt=0, description="control or U+FFFD characters, share of the chunk "
+                                          "(binary bytes decoded as text)")
+    max_encoded_char_ratio: float = Field(0.5, gt=0, description="characters in base64/hex-like runs of 40+, share "
+                                          "of the chunk (an embedded image, key or dump)")
+
+
 class QualityConfig(Section):
-    """Gopher-style rules, loosened for technical manuals (code, tables and option lists are normal there)."""
+    """Gopher-style rules, loosened for technical manuals (code, tables and option lists are normal there).
+
+    mode relative (default): each statistic's bound comes from the corpus's own chunks (slmforge/curate/relative.py):
+    a chunk goes only where it is an outlier of its corpus (robust z-score past `outlier_z` and in the extreme
+    `outlier_share`) and past the Gopher bound below, or past a `broken` bound. mode absolute: the bounds below as
+    they are (web-text rules).
+    """
 
     enabled: bool = True
+    mode: Literal["relative", "absolute"] = Field("relative", description="bounds from the corpus's distribution, or fixed")
+    outlier_z: float = Field(3.5, gt=0, description="relative mode: robust z-score (median, MAD) that makes an outlier")
+    outlier_share: float = Field(0.005, gt=0, lt=0.5, description="relative mode: at most this share of chunks is an "
+                                 "outlier per statistic (short of the broken bounds)")
+    broken: BrokenTextConfig = Field(default_factory=BrokenTextConfig)
     min_words: int = Field(20, ge=0)
     max_words: int = Field(100_000, ge=1)
     min_avg_word_length: float = 2.5
@@ -110,6 +141,8 @@ class CurateConfig(Section):
     pii: PIIConfig = Field(default_factory=PIIConfig)
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="share of documents kept for evaluation only")
     examples_per_reason: int = Field(3, ge=0)
+    document_warn_share: float = Field(0.05, ge=0, le=1, description="warn when the quality, repetition or relevance "
+                                       "filter removes more than this share of one document's tokens")
 
 
 # --------------------------------------------------------------------------------------------- generate

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -128,7 +129,7 @@ def test_curate_that_keeps_nothing_stops_naming_the_filter_and_counts(tmp_path, 
 
     from slmforge.cli import app
 
-    recipe = write_recipe(tmp_path, corpus, curate={"quality": {"min_words": 50_000}})
+    recipe = write_recipe(tmp_path, corpus, curate={"quality": {"mode": "absolute", "min_words": 50_000}})
     result = CliRunner().invoke(app, ["build", str(recipe), "--until", "curate"])
     assert result.exit_code == 1, result.output
     out = " ".join(result.output.split())
@@ -146,7 +147,7 @@ def test_a_filter_removing_over_half_is_a_warning(tmp_path, corpus):
     for i in range(30):  # distinct short notes: under quality.min_words, so the quality filter removes them
         rng = random.Random(i)
         (corpus / f"short{i:02d}.txt").write_text(" ".join(f"{rng.choice(words)}{rng.randint(1, 999)}" for _ in range(9)))
-    counts, out = _run(tmp_path, corpus, heldout_fraction=0.25)
+    counts, out = _run(tmp_path, corpus, heldout_fraction=0.25, quality={"mode": "absolute"})  # the web-text rules
     report = json.loads((out / "report.json").read_text())
     assert counts["train_chunks"] > 0
     warnings = [w for w in counts["warnings"] if "quality filter removed" in w]
@@ -171,8 +172,151 @@ def test_curate_that_keeps_next_to_nothing_stops_naming_the_filter(tmp_path, cor
     for i in range(60):  # distinct short notes, under quality.min_words: the quality filter removes all of them
         rng = random.Random(i)
         (corpus / f"short{i:02d}.txt").write_text(" ".join(f"{rng.choice(words)}{rng.randint(1, 999)}" for _ in range(9)))
-    recipe = write_recipe(tmp_path, corpus, curate={"heldout_fraction": 0.0})
+    recipe = write_recipe(tmp_path, corpus, curate={"heldout_fraction": 0.0, "quality": {"mode": "absolute"}})
     result = CliRunner().invoke(app, ["build", str(recipe), "--until", "curate"])
     out = " ".join(result.output.split())
     assert result.exit_code == 1 and "kept only" in out and "the quality filter removed 60" in out, out
     assert not (tmp_path / "runs" / "t" / "curate" / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ reference content (relative bounds)
+MANUAL_PAGES = Path(__file__).parent / "data" / "manual-pages"
+REFERENCE_PAGES = ["bisect.rst.txt", "resource.rst.txt", "stat.rst.txt", "pwd.rst.txt", "grp.rst.txt", "datatype-enum.html",
+                   "sql-droptable.html"]
+# what users ask about, each from a real page: the web-text rules remove several of these
+MUST_SURVIVE = {
+    "code example (doctest)": ">>> data = [('red', 5), ('blue', 1), ('yellow', 8), ('black', 0)]",  # bisect
+    "code example (function)": "def index(a, x): 'Locate the leftmost value exactly equal to x'",  # bisect
+    "API entry (signature)": "bisect.insort_right(a, x, lo=0, hi=len(a), *, key=None)",
+    "attribute table": "15 | ru_nivcsw | involuntary context switches",  # resource.getrusage's result
+    "attribute list": "1 | pw_passwd | Optional encrypted password",  # pwd's struct passwd
+    "constant list": "stat.S_IRUSR Owner has read permission.",
+    "SQL example": "INSERT INTO holidays(num_weeks,happiness) VALUES (4, 'happy');",  # datatype-enum
+    "parameter list": "CASCADE Automatically drop objects that depend on the table",  # sql-droptable
+    "synopsis": "DROP TABLE [ IF EXISTS ] name [, ...] [ CASCADE | RESTRICT ]",
+}
+
+
+def _reference_corpus(tmp_path: Path) -> Path:
+    """The real pages, plus junk a manual folder may hold: a binary file read as text, a base64 blob, a nav bar."""
+    import base64
+    import random
+    import shutil
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in REFERENCE_PAGES:
+        shutil.copy(MANUAL_PAGES / name, docs / name)
+    rng = random.Random(0)
+    binary = [*range(1, 9), *range(14, 32), *range(32, 127)]
+    (docs / "dump.txt").write_text("".join(chr(rng.choice(binary)) for _ in range(3000)))
+    blob = base64.b64encode(bytes(rng.randrange(256) for _ in range(2400))).decode()
+    (docs / "blob.txt").write_text("\n".join(blob[i: i + 76] for i in range(0, len(blob), 76)))
+    (docs / "nav.txt").write_text("Home | Previous | Next | Up | Contents | Index\n" * 80)
+    return docs
+
+
+def _kept_text(out: Path) -> tuple[list[dict], str]:
+    kept = read_jsonl(out / "train.jsonl") + read_jsonl(out / "heldout.jsonl")
+    return kept, " ".join(" ".join(r["text"].split()) for r in kept)
+
+
+def test_reference_pages_survive_relative_bounds_and_junk_does_not(tmp_path):
+    docs = _reference_corpus(tmp_path)
+    counts, out = _run(tmp_path, docs, heldout_fraction=0.0)  # default: quality.mode relative
+    kept, text = _kept_text(out)
+    missing = [kind for kind, s in MUST_SURVIVE.items() if " ".join(s.split()) not in text]
+    assert not missing, missing
+    chunks = read_jsonl(out.parent / "ingest" / "chunks.jsonl")
+    reference = {c["id"] for c in chunks if c["source"] in REFERENCE_PAGES}
+    assert reference <= {r["id"] for r in kept}  # every chunk of every reference page
+    junk = {"dump.txt", "blob.txt", "nav.txt"}
+    assert not [r["source"] for r in kept if r["source"] in junk]
+    reasons = {r["source"]: r["filter_reason"] for step in ("quality", "repetition")
+               for r in read_jsonl(out / "removed" / f"{step}.jsonl") if r["source"] in junk}
+    assert reasons["dump.txt"] == "broken_control_chars" and reasons["nav.txt"] == "dup_line_frac", reasons
+    assert reasons["blob.txt"] == "broken_encoded_blob", reasons
+    report = json.loads((out / "report.json").read_text())
+    assert report["quality_mode"] == "relative" and report["bounds"]["max_dup_line_frac"]["bound"] >= 0.3
+
+    # the same corpus under the web-text rules (mode absolute, what curation did before): reference content goes,
+    # and the per-document report says which documents lost what share to which filter
+    counts, out = _run(tmp_path, docs, heldout_fraction=0.0, quality={"mode": "absolute"})
+    kept, text = _kept_text(out)
+    lost = [kind for kind, s in MUST_SURVIVE.items() if " ".join(s.split()) not in text]
+    assert len(lost) >= 3 and len(reference - {r["id"] for r in kept}) >= 5, lost
+    report = json.loads((out / "report.json").read_text())
+    by_doc = {d["source"]: d for d in report["documents"]}
+    bisect = by_doc["bisect.rst.txt"]
+    assert bisect["removed"]["quality"]["share"] > 0.05 and "quality" in bisect["warned"]
+    assert bisect["removed"]["quality"]["chunks"] == sum(1 for r in read_jsonl(out / "removed" / "quality.jsonl")
+                                                        if r["source"] == "bisect.rst.txt")
+    warning = next(w for w in counts["warnings"] if "lost over 5% of their text to the quality filter" in w)
+    assert "bisect.rst.txt" in warning
+    assert counts["documents_over_warn_share"] == sum(1 for d in report["documents"] if d["warned"])
+
+    from slmforge.report.html import render
+
+    html = render(RunDir(out.parent))
+    assert "documents that lost over 5% of their text to a filter" in html and "bisect.rst.txt" in html
+
+
+def test_document_warn_share_is_configurable(tmp_path):
+    docs = _reference_corpus(tmp_path)
+    counts, out = _run(tmp_path, docs, heldout_fraction=0.0, quality={"mode": "absolute"}, document_warn_share=1.0)
+    report = json.loads((out / "report.json").read_text())
+    assert report["documents"] and not any(d["warned"] for d in report["documents"])  # listed, none over 100%
+    assert not [w for w in counts["warnings"] if "lost over" in w]
+
+
+def test_relative_bound_flags_outliers_only_within_gopher_and_broken_bounds():
+    import numpy as np
+
+    from slmforge.curate.relative import Stat, relative_bound
+
+    rng = np.random.default_rng(0)
+    dup = Stat("dup_line_frac", True, gopher=0.3, broken=0.97)
+    # a code-heavy corpus: duplicated lines are normal (0.5 typical, above Gopher's 0.3), three chunks far out
+    values = np.concatenate([rng.normal(0.5, 0.04, 997), [0.9, 0.95, 0.99]])
+    bound = relative_bound(values, dup, z=3.5, share=0.005)
+    assert 0.6 < bound < 0.9 and int((values > bound).sum()) == 3
+    # never stricter than the Gopher bound: a corpus far below it flags nothing under it
+    calm = rng.normal(0.05, 0.01, 1000)
+    assert relative_bound(calm, dup, 3.5, 0.005) >= 0.3
+    # the broken bound holds whatever the corpus looks like: half junk is still junk
+    junk = np.concatenate([rng.normal(0.5, 0.04, 500), np.full(500, 0.99)])
+    assert relative_bound(junk, dup, 3.5, 0.005) == 0.97
+    # a small corpus has no quantile outliers: its most extreme chunk is kept unless it is broken
+    small = rng.normal(0.5, 0.04, 40)
+    assert relative_bound(small, dup, 3.5, 0.005) >= small.max()
+    # low-is-bad statistics mirror it
+    alpha = Stat("alpha_words_ratio", False, gopher=0.5, broken=0.2)
+    values = np.concatenate([rng.normal(0.45, 0.03, 998), [0.22, 0.1]])
+    bound = relative_bound(values, alpha, 3.5, 0.005)
+    assert bound <= 0.5 and set(values[values < bound].round(2)) == {0.22, 0.1}
+
+
+def test_statistics_match_datatrove_gopher_decisions():
+    """The pre-pass must measure what datatrove's filters judge: at the measured value a rule passes, just past it fails."""
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+
+    from slmforge.curate.relative import quality_stats, repetition_stats
+
+    off = dict(min_doc_words=None, max_doc_words=None, min_avg_word_length=None, max_avg_word_length=None,
+               max_symbol_word_ratio=None, max_bullet_lines_ratio=None, max_ellipsis_lines_ratio=None,
+               max_non_alpha_words_ratio=None, min_stop_words=None)
+    text = (MANUAL_PAGES / "bisect.rst.txt").read_text()[:4000]
+    doc = Document(text=text, id="x")
+    q = quality_stats(text)
+    for arg, stat, eps, reason in (("min_avg_word_length", "avg_word_length", 1e-6, "gopher_below_avg_threshold"),
+                                   ("max_non_alpha_words_ratio", "alpha_words_ratio", 1e-6, "gopher_below_alpha_threshold"),
+                                   ("max_bullet_lines_ratio", "bullet_lines_ratio", -1e-6, "gopher_too_many_bullets")):
+        assert GopherQualityFilter(**{**off, arg: q[stat] - eps}).filter(doc) is True
+        assert GopherQualityFilter(**{**off, arg: q[stat] + eps}).filter(doc) == (False, reason)
+    r = repetition_stats(text)
+    none = dict(dup_line_frac=None, dup_para_frac=None, dup_line_char_frac=None, dup_para_char_frac=None, top_n_grams=(), dup_n_grams=())
+    assert r["dup_5_gram"] > 0 and r["top_2_gram"] > 0
+    assert GopherRepetitionFilter(**{**none, "dup_n_grams": ((5, r["dup_5_gram"]),)}).filter(doc) is True
+    assert GopherRepetitionFilter(**{**none, "dup_n_grams": ((5, r["dup_5_gram"] - 1e-6),)}).filter(doc) == (False, "duplicated_5_n_grams")
+    assert GopherRepetitionFilter(**{**none, "top_n_grams": ((2, r["top_2_gram"] - 1e-6),)}).filter(doc) == (False, "top_2_gram")

@@ -12,7 +12,7 @@ def test_fuzzed_inputs_never_escape_the_guard():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     results = bench.fuzz(N)
-    assert set(results) == {"txt", "md", "html", "pdf", "docx"}
+    assert set(results) == {"txt", "md", "html", "pdf", "docx", "rst", "pod", "man"}
     for reader, r in results.items():
         assert r["inputs"] == N, (reader, r)
         assert r["escaped"] == 0, (reader, r["escaped_examples"])

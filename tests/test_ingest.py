@@ -441,3 +441,132 @@ def test_symlinks_stay_inside_by_default_and_each_is_listed(tmp_path, corpus):
     sources = {json.loads(line)["source"] for line in (always.run_path / "ingest" / "documents.jsonl").read_text().splitlines()}
     assert {"secret.txt", "far/far.md"} <= sources
     assert {link["link"]: link["action"] for link in report["symlinks"]}["secret.txt"] == "followed"
+
+
+# ------------------------------------------------------------------------------------------ rst / pod / man
+MANUAL_PAGES = Path(__file__).parent / "data" / "manual-pages"
+
+
+def test_sphinx_rst_source_keeps_sections_signatures_and_code():
+    doc = read_file(MANUAL_PAGES / "bisect.rst.txt", MANUAL_PAGES)  # Sphinx builds ship sources as *.rst.txt
+    assert doc.format == "rst" and doc.title == "bisect --- Array bisection algorithm"
+    paths = [s.headings for s in doc.sections]
+    assert ["bisect --- Array bisection algorithm", "Performance Notes"] in paths
+    assert ["bisect --- Array bisection algorithm", "Examples"] in paths
+    text = doc.text
+    # `.. function::` -> its signature, qualified by `.. module:: bisect`, each on its own line
+    assert "bisect.bisect_left(a, x, lo=0, hi=len(a), *, key=None)" in text.splitlines()
+    assert "bisect.insort_right(a, x, lo=0, hi=len(a), *, key=None)\nbisect.insort(a, x, lo=0, hi=len(a), *, key=None)" in text
+    assert "Changed in version 3.10: Added the key parameter." in text
+    # roles become their text; no markup is left
+    assert "insort_left" in text and not re.search(r":(func|class|meth|term|ref|mod):`", text)
+    assert ".. function::" not in text and ".. versionchanged::" not in text and ".. seealso::" not in text
+    # code stays code: lines and indentation kept
+    assert "def index(a, x):\n    'Locate the leftmost value exactly equal to x'\n    i = bisect_left(a, x)" in text
+    assert ">>> [grade(score) for score in [33, 99, 77, 70, 89, 90, 100]]\n['F', 'A', 'C', 'C', 'B', 'A', 'A']" in text
+
+
+def test_rst_attribute_tables_and_sphinx_admonitions():
+    doc = read_file(MANUAL_PAGES / "resource.rst.txt", MANUAL_PAGES)
+    text = doc.text
+    assert "15 | ru_nivcsw | involuntary context switches" in text  # list-table rows, like the HTML reader's tables
+    assert "resource.getrusage(who)" in text.splitlines() and "exception resource.error" in text
+    assert "Deprecated since version 3.3" in text or "Changed in version 3.3" in text
+    assert ["resource --- Resource usage information", "Resource Limits"] in [s.headings for s in doc.sections]
+
+
+def test_unknown_directives_and_roles_never_fail_and_include_reads_nothing(tmp_path):
+    source = tmp_path / "odd.rst"
+    source.write_text(
+        "Odd page\n========\n\n"
+        "Intro with :madeup:`thing`, :py:obj:`~pkg.mod.Thing` and :ref:`the guide <guide-label>`.\n\n"
+        ".. frobnicate:: some argument\n   :weird-option: 1\n\n   Inner text of an unknown directive.\n\n"
+        ".. include:: /etc/passwd\n\n.. raw:: html\n\n   <script>alert(1)</script>\n\n"
+        ".. toctree::\n   :maxdepth: 2\n\n   other\n\n"
+        ".. py:method:: Thing.run(fast=False)\n   :async:\n\n   Runs it.\n\n"
+        "Sub\n---\n\n.. code-block:: python\n\n   if x:\n       y()\n")
+    doc = read_file(source, tmp_path)
+    text = doc.text
+    assert "Intro with thing, Thing and the guide." in text
+    assert "Inner text of an unknown directive." in text and "some argument" not in text
+    assert "root:" not in text and "<script>" not in text and "other" not in text.split()
+    assert "Thing.run(fast=False)" in text.splitlines() and "Runs it." in text
+    assert [s.headings for s in doc.sections][-1] == ["Odd page", "Sub"] and "if x:\n    y()" in doc.sections[-1].text
+
+
+def test_pod_and_man_pages_are_read_with_their_structure(tmp_path):
+    import shutil
+
+    if not shutil.which("perl") or not shutil.which("groff"):
+        pytest.skip("perl and groff (groff-base) are the POD and man readers")
+    pod = tmp_path / "frob.pod"
+    pod.write_text("=head1 NAME\n\nfrob - frobnicate widgets\n\n=head1 SYNOPSIS\n\n  frob --level 3 widget.txt\n\n"
+                   "=head1 OPTIONS\n\n=over 4\n\n=item B<--level> I<n>\n\nHow hard to frobnicate, from 1 to 9.\n\n"
+                   "=back\n\n=head2 Exit status\n\nZero on success.\n\n=cut\n")
+    doc = read_file(pod, tmp_path)
+    assert doc.format == "pod" and doc.title == "frob"
+    by_path = {tuple(s.headings): s.text for s in doc.sections}
+    assert "  frob --level 3 widget.txt" in by_path[("SYNOPSIS",)] or "frob --level 3 widget.txt" in by_path[("SYNOPSIS",)]
+    assert "--level n" in by_path[("OPTIONS",)] and "How hard to frobnicate, from 1 to 9." in by_path[("OPTIONS",)]
+    assert by_path[("OPTIONS", "Exit status")] == "Zero on success."
+
+    man = tmp_path / "frob.1"
+    man.write_text('.TH FROB 1 "2026-01-01" "frob 1.0" "User Commands"\n.SH NAME\nfrob \\- frobnicate widgets\n'
+                   ".SH SYNOPSIS\n.B frob\n[\\fB\\-\\-level\\fR \\fIn\\fR] \\fIfile\\fR\n.SH OPTIONS\n.TP\n"
+                   "\\fB\\-\\-level\\fR \\fIn\\fR\nHow hard to frobnicate,\nfrom 1 to 9.\n.SS Exit status\nZero on success.\n"
+                   ".SH EXAMPLE\n.nf\nfrob \\-\\-level 3 a.txt\nfrob b.txt\n.fi\n")
+    doc = read_file(man, tmp_path)
+    assert doc.format == "man" and doc.title == "frob - frobnicate widgets"
+    by_path = {tuple(s.headings): s.text for s in doc.sections}
+    assert by_path[("SYNOPSIS",)] == "frob [--level n] file"
+    assert "--level n" in by_path[("OPTIONS",)] and "How hard to frobnicate, from 1 to 9." in by_path[("OPTIONS",)]
+    assert by_path[("OPTIONS", "Exit status")] == "Zero on success."
+    assert by_path[("EXAMPLE",)] == "frob --level 3 a.txt\nfrob b.txt"  # no-fill lines stay lines
+    assert not any("FROB(1)" in s.text for s in doc.sections)  # page header and footer dropped
+    (tmp_path / "notes.1").write_text("plain words\nwithout a title request\n")  # no .TH: no page layout to read
+    doc = read_file(tmp_path / "notes.1", tmp_path)
+    assert doc.sections[0].headings == [] and doc.text == "plain words without a title request"
+
+
+def test_rst_pod_and_man_are_in_the_default_include_patterns(tmp_path):
+    from slmforge.ingest.files import walk_documents
+    from slmforge.recipe import IngestConfig
+
+    for name in ("a.rst", "b.pod", "c.1", "d.8", "e.man", "f.rst.txt"):
+        (tmp_path / name).write_text("x")
+    found = {p.name for p in walk_documents(tmp_path, IngestConfig().include, []).files}
+    assert {"a.rst", "b.pod", "c.1", "d.8", "e.man", "f.rst.txt"} <= found
+
+
+def test_man_page_cannot_read_other_files_or_loop_forever(tmp_path, monkeypatch):
+    import shutil
+
+    from slmforge.ingest import readers
+
+    if not shutil.which("groff"):
+        pytest.skip("groff (groff-base) is the man page reader")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET\n")
+    page = tmp_path / "inc.1"
+    page.write_text(f".TH INC 1\n.SH NAME\ninc \\- includes\n.SH DESCRIPTION\nBefore.\n.so {secret}\n.cf {secret}\n"
+                    f".mso {secret}\nAfter.\n")
+    doc = read_file(page, tmp_path)
+    assert "TOPSECRET" not in doc.text and "Before." in doc.text and "After." in doc.text
+    monkeypatch.setattr(readers, "MAN_TIMEOUT_S", 1.0)
+    (tmp_path / "loop.1").write_text(".TH LOOP 1\n.SH NAME\nloop\n.while 1 .\n")
+    with pytest.raises(ReadError) as err:
+        read_file(tmp_path / "loop.1", tmp_path)
+    assert err.value.reason == "corrupt man page" and "took over 1 s" in err.value.detail
+
+
+def test_chunks_hold_no_sentence_twice_and_no_one_entry_fragments(counter):
+    # a paragraph moved to the next chunk once landed beside its own carried closing sentences there
+    page = read_file(DEMO_DOCS / "datatype-boolean.html", DEMO_DOCS)
+    for chunk in chunk_document(page, counter, 384, 48, 24):
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", chunk.text) if len(s) > 60]
+        assert len(sentences) == len(set(sentences)), chunk.text
+    # pages of short API entries once overran the bound by their joins and split off one-entry chunks
+    api = read_file(MANUAL_PAGES / "stat.rst.txt", MANUAL_PAGES)
+    chunks = chunk_document(api, counter, 256, 0, 24)
+    assert all(c.n_tokens <= 256 for c in chunks)
+    assert [c.text for c in chunks[:-1] if c.n_tokens < 24] == []

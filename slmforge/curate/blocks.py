@@ -1,4 +1,4 @@
-"""slmforge's own datatrove blocks: PII redaction, domain relevance, held-out split tagging.
+"""slmforge's own datatrove blocks: PII redaction, domain relevance, broken-text check, held-out split tagging.
 
 Each is a plain datatrove PipelineStep, so it runs under any datatrove executor (local, Ray, Slurm) like the
 library's own filters. Module-level functions only: executors pickle the pipeline.
@@ -14,6 +14,7 @@ import numpy as np
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.filters.gopher_quality_filter import GopherQualityFilter
 from datatrove.pipeline.formatters.pii import PIIFormatter, PIIReplacer
 
 from slmforge.run import sha256_bytes
@@ -153,6 +154,40 @@ class DomainRelevanceFilter(BaseFilter):
         score = float(self.scores([doc.text])[0])
         doc.metadata["relevance"] = round(score, 4)
         return True if score >= self.threshold else (False, "off_topic")
+
+
+def control_char_ratio(text: str) -> float:
+    """Share of characters that are control characters (tab and newlines aside) or U+FFFD: binary bytes read as text."""
+    if not text:
+        return 0.0
+    bad = sum(1 for ch in text if ch == "\ufffd" or (not ch.isprintable() and ch not in "\n\t\r\x0c\x0b"))
+    return bad / len(text)
+
+
+_ENCODED_RUN = re.compile(r"[A-Za-z0-9+/=]{40,}")  # base64 / hex: 40+ characters without a space or punctuation
+
+
+def encoded_char_ratio(text: str) -> float:
+    """Share of characters inside base64- or hex-like runs (an embedded image, key or dump)."""
+    return sum(len(m) for m in _ENCODED_RUN.findall(text)) / len(text) if text else 0.0
+
+
+class QualityFilter(GopherQualityFilter):
+    """datatrove's GopherQualityFilter plus the two checks Gopher lacks: binary bytes decoded as text (control and
+    replacement characters, which Gopher's word statistics let through: \xff and \xe0 decode to letters) and
+    encoded blobs (base64 splits into "words" at + and /, so its average word length can look like code's)."""
+
+    def __init__(self, max_control_char_ratio: float | None = None, max_encoded_char_ratio: float | None = None, **gopher):
+        super().__init__(**gopher)
+        self.max_control_char_ratio = max_control_char_ratio
+        self.max_encoded_char_ratio = max_encoded_char_ratio
+
+    def filter(self, doc: Document):
+        if self.max_control_char_ratio is not None and control_char_ratio(doc.text) > self.max_control_char_ratio:
+            return False, "broken_control_chars"
+        if self.max_encoded_char_ratio is not None and encoded_char_ratio(doc.text) > self.max_encoded_char_ratio:
+            return False, "broken_encoded_blob"
+        return super().filter(doc)
 
 
 def heldout_documents(doc_ids: list[str], fraction: float, seed: int) -> set[str]:

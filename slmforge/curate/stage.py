@@ -1,6 +1,7 @@
 """Curate stage: ingest chunks -> train.jsonl / heldout.jsonl, as a datatrove pipeline.
 
-    exact dedup (3 steps) -> MinHash near-dedup (4 steps) -> Gopher quality + repetition -> domain relevance
+    exact dedup (3 steps) -> MinHash near-dedup (4 steps) -> Gopher quality + repetition (bounds relative to the
+    corpus by default, curate/relative.py) -> domain relevance
     -> PII redaction -> document-level held-out split
 
 Every dropped chunk is kept in removed/<step>/ with its reason. The executor (local, Ray, Slurm) is a recipe
@@ -124,19 +125,25 @@ def _wait_for(executors: list, timeout_s: float = 24 * 3600) -> None:
         delay = min(delay * 1.5, 10)
 
 
-def build_pipeline(cfg, seed: int, chunks: list[Chunk], heldout: set[str], work: Path):
-    """The chain of datatrove executors for the curate recipe; `.run()` on the result runs them all in order."""
+def build_pipeline(cfg, seed: int, chunks: list[Chunk], heldout: set[str], work: Path, bounds: dict | None = None):
+    """The chain of datatrove executors for the curate recipe; `.run()` on the result runs them all in order.
+
+    `bounds`: the quality and repetition bounds (curate/relative.py `corpus_bounds`); computed here when not given.
+    """
     from datatrove.pipeline.dedup import (
         ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups, MinhashConfig,
         MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature,
     )
-    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.filters import GopherRepetitionFilter
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    from slmforge.curate.blocks import DomainRelevanceFilter, RedactPII, TagSplit, normalized_text
+    from slmforge.curate.blocks import DomainRelevanceFilter, QualityFilter, RedactPII, TagSplit, normalized_text
+    from slmforge.curate.relative import corpus_bounds, quality_filter_kwargs, repetition_filter_kwargs
 
     tasks = cfg.tasks
+    if bounds is None and cfg.quality.enabled:
+        bounds = corpus_bounds([c.text for c in chunks], cfg.quality, seed=seed)
 
     # Shard the input so `tasks` workers have files to share (datatrove readers split by file).
     shard_dir = work / "input"
@@ -176,15 +183,14 @@ def build_pipeline(cfg, seed: int, chunks: list[Chunk], heldout: set[str], work:
 
     q = cfg.quality
     if q.enabled:
-        final_steps.append(GopherQualityFilter(
-            min_doc_words=q.min_words, max_doc_words=q.max_words, min_avg_word_length=q.min_avg_word_length,
-            max_avg_word_length=q.max_avg_word_length, max_symbol_word_ratio=q.max_symbol_word_ratio,
-            max_bullet_lines_ratio=q.max_bullet_lines_ratio, max_ellipsis_lines_ratio=q.max_ellipsis_lines_ratio,
-            max_non_alpha_words_ratio=q.max_non_alpha_words_ratio, min_stop_words=q.min_stop_words,
-            exclusion_writer=excluded("quality"),
-        ))
+        # the bounds: the recipe's (absolute) or derived from this corpus's chunks (relative); see curate/relative.py
+        broken = q.broken if q.mode == "relative" else None  # absolute: exactly the web-text rules
+        final_steps.append(QualityFilter(**quality_filter_kwargs(bounds, q.max_words),
+                                         max_control_char_ratio=broken.max_control_char_ratio if broken else None,
+                                         max_encoded_char_ratio=broken.max_encoded_char_ratio if broken else None,
+                                         exclusion_writer=excluded("quality")))
         if q.repetition:
-            final_steps.append(GopherRepetitionFilter(exclusion_writer=excluded("repetition")))
+            final_steps.append(GopherRepetitionFilter(**repetition_filter_kwargs(bounds), exclusion_writer=excluded("repetition")))
     if cfg.relevance.enabled:
         final_steps.append(DomainRelevanceFilter([c.text for c in chunks], cfg.relevance.reference,
                                                  cfg.relevance.min_relative_score, exclusion_writer=excluded("relevance")))
@@ -238,6 +244,54 @@ def _empty_message(n_input: int, n_heldout: int, flow: list[dict], removed_dir: 
             f"The removed chunks and their reasons are in {removed_dir}")
 
 
+# filters whose removals lose a document's content (a duplicate's text is kept in its other copy)
+CONTENT_FILTERS = ("quality", "repetition", "relevance")
+
+
+def document_losses(chunks: list[Chunk], removed_rows: dict[str, list[dict]], warn_share: float) -> list[dict]:
+    """Per document that lost anything: its chunks and tokens, and what each filter removed of them (share of the
+    document's chunk tokens; neighbouring chunks overlap, so the shares are of chunk tokens, not of the file).
+    `warned` lists the content filters that removed more than `warn_share`. Worst first."""
+    total: dict[str, dict] = {}
+    for c in chunks:
+        d = total.setdefault(c.doc_id, {"doc_id": c.doc_id, "source": c.source, "chunks": 0, "tokens": 0, "removed": {}})
+        d["chunks"] += 1
+        d["tokens"] += c.n_tokens
+    for step, step_rows in removed_rows.items():
+        for r in step_rows:
+            d = total.get(r["doc_id"])
+            if d is None:
+                continue
+            lost = d["removed"].setdefault(step, {"chunks": 0, "tokens": 0})
+            lost["chunks"] += 1
+            lost["tokens"] += r["n_tokens"]
+    out = []
+    for d in total.values():
+        if not d["removed"]:
+            continue
+        for lost in d["removed"].values():
+            lost["share"] = round(lost["tokens"] / max(1, d["tokens"]), 4)
+        d["warned"] = [s for s in CONTENT_FILTERS if d["removed"].get(s, {}).get("share", 0) > warn_share]
+        out.append(d)
+    def worst(d: dict, steps) -> float:
+        return max((v["share"] for s, v in d["removed"].items() if s in steps), default=0.0)
+
+    return sorted(out, key=lambda d: (-worst(d, CONTENT_FILTERS), -worst(d, d["removed"]), d["source"]))
+
+
+def document_warnings(documents: list[dict], warn_share: float, listed: int = 5) -> list[str]:
+    """One warning per content filter that removed more than `warn_share` of some document, naming the worst ones."""
+    out = []
+    for step in CONTENT_FILTERS:
+        hit = sorted((d for d in documents if step in d["warned"]), key=lambda d: -d["removed"][step]["share"])
+        if hit:
+            names = ", ".join(f"{d['source']} {d['removed'][step]['share']:.0%}" for d in hit[:listed])
+            more = f" and {len(hit) - listed} more" if len(hit) > listed else ""
+            out.append(f"{len(hit)} document{'s' * (len(hit) != 1)} lost over {warn_share:.0%} of their text to the {step} "
+                       f"filter: {names}{more} (per document in curate/report.json; threshold curate.document_warn_share)")
+    return out
+
+
 class CurateStage(Stage):
     name = CURATE
     needs = (CHUNKS, DOCUMENTS)
@@ -251,7 +305,10 @@ class CurateStage(Stage):
         documents = ctx.read(DOCUMENTS)
         heldout = heldout_documents([d.id for d in documents], cfg.heldout_fraction, seed)
         work, logs = ctx.scratch, ctx.scratch / "logs"
-        chain = build_pipeline(cfg, seed, chunks, heldout, work)
+        from slmforge.curate.relative import corpus_bounds
+
+        self.bounds = corpus_bounds([c.text for c in chunks], cfg.quality, seed=seed) if cfg.quality.enabled else None
+        chain = build_pipeline(cfg, seed, chunks, heldout, work, self.bounds)
         # datatrove logs every block at INFO on stderr; keep that in a file, the stage report says it shorter.
         from loguru import logger
 
@@ -302,9 +359,9 @@ class CurateStage(Stage):
                 r.pop("relevance", None)
             ctx.write({"train": TRAIN_CHUNKS, "heldout": HELDOUT_CHUNKS}[split], [Chunk.model_validate(r) for r in split_rows])
 
-        removed = {}
+        removed, removed_rows = {}, {}
         for step in ("exact_duplicate", "near_duplicate", "quality", "repetition", "relevance"):
-            step_rows = rows(work / "excluded" / step)
+            step_rows = removed_rows[step] = rows(work / "excluded" / step)
             if step_rows:
                 atomic_write_jsonl(ctx.path(CURATE_REMOVED) / f"{step}.jsonl", step_rows)
             removed[step] = {
@@ -314,6 +371,8 @@ class CurateStage(Stage):
                              for r in step_rows[: cfg.examples_per_reason]],
             }
         flow, warnings = _filter_flow(len(chunks), removed)
+        documents_lost = document_losses(chunks, removed_rows, cfg.document_warn_share)
+        warnings += document_warnings(documents_lost, cfg.document_warn_share)
         heldout_docs = [d for d in documents if d.id in heldout]
         ctx.write(HELDOUT_DOCUMENTS, heldout_docs)
         ctx.counts.update(
@@ -336,7 +395,14 @@ class CurateStage(Stage):
         ctx.counts["warnings"] = warnings
         for w in warnings:
             console.print(f"  [yellow]warning:[/yellow] {w}", highlight=False)
-        ctx.write_json(CURATE_REPORT, {"counts": ctx.counts, "removed": removed, "flow": flow})
+        ctx.counts["documents_over_warn_share"] = sum(1 for d in documents_lost if d["warned"])
+        bounds = getattr(self, "bounds", None)
+        ctx.write_json(CURATE_REPORT, {
+            "counts": ctx.counts, "removed": removed, "flow": flow,
+            "documents": documents_lost, "document_warn_share": cfg.document_warn_share,  # who lost what, to which filter
+            "quality_mode": cfg.quality.mode, "bounds": bounds["stats"] if bounds else None,  # the bounds each filter used
+            "bounds_measured_on_chunks": bounds["measured_chunks"] if bounds else 0,
+        })
 
     def summary_rows(self, c: dict) -> list[tuple[str, str]]:
         rows = [(f"removed: {step.replace('_', ' ')}", f"{n:,}") for step, n in c["removed"].items()]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from slmforge.records import Chunk, Document
 
+JOIN_TOKENS = 2
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\"'])")
 
 
@@ -111,7 +112,10 @@ def chunk_document(doc: Document, counter: TokenCounter, chunk_tokens: int, over
     current: list[Unit] = []
     used = 0
     for unit in units:
-        cost = unit.tokens + 1  # +1 for the paragraph break that joins units
+        # +2 for the paragraph break that joins units: "\n\n" is a token, and the unit's first word usually costs one
+        # more after it than alone (measured: +1 per join fell 20-30 tokens short on pages of short API entries, and
+        # the bound check below then split off one-entry chunks, "stat.S_IRGRP" alone)
+        cost = unit.tokens + JOIN_TOKENS
         new_section = bool(current) and unit.section != current[-1].section
         if current and (used + cost > chunk_tokens or (new_section and used >= chunk_tokens // 2)):
             groups.append(current)
@@ -125,7 +129,7 @@ def chunk_document(doc: Document, counter: TokenCounter, chunk_tokens: int, over
                             carried = [tail] if tail else []
                         break
                     carried.insert(0, prev)
-            current, used = carried, sum(u.tokens + 1 for u in carried)
+            current, used = carried, sum(u.tokens + JOIN_TOKENS for u in carried)
         current.append(unit)
         used += cost
     if current:
@@ -145,10 +149,14 @@ def chunk_document(doc: Document, counter: TokenCounter, chunk_tokens: int, over
         if n > chunk_tokens and len(groups[i]) > 1:
             moved = groups[i].pop()
             following = groups[i + 1] if i + 1 < len(groups) else []
+            # the next chunk may begin with `moved`'s closing sentences, carried as overlap: the whole unit replaces
+            # them there, or the chunk would hold those sentences twice
+            tail = (following[0] if following and following[0] is not moved and following[0].section == moved.section
+                    and moved.text.endswith(following[0].text) else None)
             if any(u is moved for u in following):
                 pass  # already there as overlap
-            elif following and sum(u.tokens + 1 for u in following) + moved.tokens + 1 <= chunk_tokens:
-                following.insert(0, moved)
+            elif following and sum(u.tokens + 1 for u in following) - (tail.tokens + 1 if tail else 0) + moved.tokens + 1 <= chunk_tokens:
+                following[: 1 if tail else 0] = [moved]
             else:
                 groups.insert(i + 1, [moved])
             continue

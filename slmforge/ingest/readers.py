@@ -12,7 +12,15 @@ from pathlib import Path
 from slmforge.records import Document, Section
 from slmforge.run import sha256_bytes
 
-FORMATS = {".txt": "txt", ".md": "md", ".markdown": "md", ".html": "html", ".htm": "html", ".pdf": "pdf", ".docx": "docx"}
+FORMATS = {".txt": "txt", ".md": "md", ".markdown": "md", ".html": "html", ".htm": "html", ".pdf": "pdf", ".docx": "docx",
+           ".rst": "rst", ".rest": "rst", ".pod": "pod", ".man": "man", **{f".{n}": "man" for n in range(1, 10)}}
+
+
+def file_format(path: Path) -> str | None:
+    """The reader for a file name; Sphinx HTML builds ship their sources as `_sources/*.rst.txt`: rST, not text."""
+    if path.name.lower().endswith(".rst.txt"):
+        return "rst"
+    return FORMATS.get(path.suffix.lower())
 
 
 class ReadError(Exception):
@@ -28,7 +36,7 @@ def doc_id(relpath: str) -> str:
 
 def read_file(path: Path, root: Path, encoding_fallback: bool = True) -> Document:
     rel = path.relative_to(root).as_posix()
-    fmt = FORMATS.get(path.suffix.lower())
+    fmt = file_format(path)
     if fmt is None:
         raise ReadError("unsupported file type", path.suffix)
     data = path.read_bytes()
@@ -349,4 +357,102 @@ def read_docx(data: bytes, path: Path, fallback: bool):
     return title, sections, None
 
 
-READERS = {"txt": read_txt, "md": read_md, "html": read_html, "pdf": read_pdf, "docx": read_docx}
+# ------------------------------------------------------------------------------------------ rst
+def read_rst(data: bytes, path: Path, fallback: bool):
+    from slmforge.ingest.rst import parse_rst
+
+    text, enc = decode_text(data, fallback)
+    try:
+        title, sections = parse_rst(text.replace("\r\n", "\n"))
+    except (RecursionError, MemoryError):
+        raise
+    except Exception as err:  # docutils raises its own types (and the odd IndexError) on malformed markup
+        raise ReadError("malformed reStructuredText", f"{type(err).__name__}: {str(err)[:200]}") from None
+    return title, sections, enc
+
+
+# ------------------------------------------------------------------------------------------ pod / man
+# Real parsers, run as programs: POD through Pod::Simple::XHTML (perl's own POD parser, in every perl since 5.10) into
+# HTML that read_html walks (=head1/=head2 become headings, verbatim paragraphs <pre>); man pages through groff's
+# man macros (groff-base, what `man` itself runs) as plain text, whose layout marks the structure: .SH headings at
+# column 0, .SS at column 3, the body indented 7. No regexes over roff or POD source.
+_POD_TO_HTML = ("use Pod::Simple::XHTML; my $p = Pod::Simple::XHTML->new; $p->html_header(''); $p->html_footer('');"
+                "$p->index(0); my $out; $p->output_string(\\$out); $p->parse_file($ARGV[0]); print $out;")
+
+
+def _run_tool(argv: list[str], what: str, timeout: float = 60, **kw) -> bytes:
+    import shutil
+    import subprocess
+
+    if shutil.which(argv[0]) is None:
+        raise ReadError(f"{what} reader unavailable", f"needs `{argv[0]}` on PATH")
+    try:
+        if "input" not in kw:
+            kw["stdin"] = subprocess.DEVNULL
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired:
+        raise ReadError(f"corrupt {what}", f"{argv[0]} took over {timeout:g} s") from None
+    if done.returncode != 0:
+        raise ReadError(f"corrupt {what}", f"{argv[0]} exited {done.returncode}: {done.stderr.decode(errors='replace')[:200]}")
+    return done.stdout
+
+
+def read_pod(data: bytes, path: Path, fallback: bool):
+    decode_text(data, fallback)  # binary and undecodable files are rejected like any text file
+    html = _run_tool(["perl", "-e", _POD_TO_HTML, str(path)], "POD")
+    if not html.strip():
+        raise ReadError("no text", "no POD in the file")
+    title, sections, _ = read_html(html, path, True)
+    name = next((s.text.split(" - ", 1)[0].strip() for s in sections if s.headings[:1] == ["NAME"]), None)
+    return name or title, sections, "utf-8"
+
+
+MAN_TIMEOUT_S = 10.0  # a real page renders in well under a second; roff can loop forever (`.while 1 .`)
+# requests that read other files into the page (groff's safer mode, its default, still allows these)
+_ROFF_FILE_REQUESTS = re.compile(rb"^[.'][ \t]*(?:so|mso|cf|trf|nx|rd|pso|open|opena|sy|pi|lf)(?=[ \t\n]|$).*$", re.M)
+
+
+def read_man(data: bytes, path: Path, fallback: bool):
+    import os
+
+    decode_text(data, fallback)
+    env = {**os.environ, "GROFF_NO_SGR": "1", "LC_ALL": "C.UTF-8"}
+    # -rcR=1: one continuous page (no page headers mid-text); -rLL=400n: lines long enough that a paragraph is one
+    # line; -P-cbou: no overstrike, bold, overline or underline sequences; -t: tables (tbl) as text. The page goes
+    # in on stdin with its file-reading requests removed: a document cannot pull /etc/passwd into the corpus.
+    out = _run_tool(["groff", "-t", "-man", "-Tutf8", "-P-cbou", "-rcR=1", "-rLL=400n", "-rHY=0", "-"], "man page",
+                    timeout=MAN_TIMEOUT_S, env=env, input=_ROFF_FILE_REQUESTS.sub(b"", data)).decode("utf-8", errors="replace")
+    lines = [ln.rstrip() for ln in out.splitlines()]
+    body = [i for i, ln in enumerate(lines) if ln.strip()]
+    titled = re.search(rb"^[.'][ \t]*TH\b", data, re.M) is not None  # the man macros' page layout only follows .TH
+    if titled:
+        lines = lines[body[0] + 1: body[-1]] if len(body) >= 2 else []  # the page header ("LS(1) ... LS(1)") and footer
+    if not any(ln.strip() for ln in lines):
+        raise ReadError("no text", "groff rendered no text")
+    sections: list[Section] = []
+    stack: list[tuple[int, str]] = []
+    buf: list[str] = []
+
+    def flush():
+        text = _paragraphs("\n".join(buf))
+        if text:
+            sections.append(Section(headings=[h for _, h in stack], text=text))
+        buf.clear()
+
+    for ln in lines:
+        indent = len(ln) - len(ln.lstrip(" "))
+        if titled and ln.strip() and indent in (0, 3) and len(ln.strip()) < 120:
+            flush()
+            level = 1 if indent == 0 else 2
+            while stack and stack[-1][0] >= level:
+                stack.pop()
+            stack.append((level, " ".join(ln.split())))
+            continue
+        buf.append(ln[7:] if ln.startswith(" " * 7) else ln.strip() if titled else ln)
+    flush()
+    name = next((s.text.split("\n", 1)[0].strip() for s in sections if s.headings[:1] == ["NAME"]), None)
+    return name, sections, "utf-8"
+
+
+READERS = {"txt": read_txt, "md": read_md, "html": read_html, "pdf": read_pdf, "docx": read_docx, "rst": read_rst,
+           "pod": read_pod, "man": read_man}

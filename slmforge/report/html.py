@@ -12,7 +12,7 @@ import time
 from html import escape
 from pathlib import Path
 
-from slmforge.artifacts import (CURATE, GENERATE, GENERATE_REPORT, INGEST, PREDICTIONS, REPORT, RESULTS, SFT, STAGES, TRAIN_STAGES,
+from slmforge.artifacts import (CURATE, CURATE_REPORT, GENERATE, GENERATE_REPORT, INGEST, PREDICTIONS, REPORT, RESULTS, SFT, STAGES, TRAIN_STAGES,
                                 log_history, predictions_file)
 from slmforge.report import plots
 from slmforge.run import atomic_write_text, read_jsonl
@@ -74,6 +74,7 @@ def _funnel_section(manifests: dict, run=None) -> str:
     dropped += [[_td(f"curate: {k.replace('_', ' ')}"), _td(f"{v:,}", True)] for k, v in cur.get("removed", {}).items()]
     if dropped:
         tables.append(_table(["removed (stage: reason)", "files / chunks"], dropped))
+    tables += _curate_documents_tables(_read_json(run.path(CURATE_REPORT)) if run else {})
     per_generator = _read_json(run.path(GENERATE_REPORT)).get("per_generator", {}) if run else {}
     if per_generator:
         body = [[_td(name), _td(f"{g['candidates']:,}", True), _td(f"{g['accepted']:,}", True), _td(f"{g['rate']:.0%}", True),
@@ -81,6 +82,32 @@ def _funnel_section(manifests: dict, run=None) -> str:
                 for name, g in per_generator.items()]
         tables.append(_table(["generator (kind/origin)", "candidates", "accepted", "rate", "rejection reasons"], body))
     return "<h2>Data funnel</h2>" + _img(plots.funnel(funnel_steps(manifests)), "data funnel") + "".join(tables)
+
+
+def _curate_documents_tables(report: dict, listed: int = 20) -> list[str]:
+    """Which documents lost what share of their text to which curate filter (worst first), and the bounds used."""
+    out = []
+    docs = [d for d in report.get("documents", []) if d.get("warned")]
+    if docs:
+        share = report.get("document_warn_share")
+        steps = sorted({s for d in docs for s in d["removed"]})
+        body = [[_td(d["source"]), _td(f"{d['chunks']:,}", True)]
+                + [_td(f"{d['removed'][s]['share']:.0%} ({d['removed'][s]['chunks']})" if s in d["removed"] else "–", True,
+                       "worse" if s in d["warned"] else "") for s in steps]
+                for d in docs[:listed]]
+        more = f" ({len(docs) - listed} more in curate/report.json)" if len(docs) > listed else ""
+        head = f"documents that lost over {share:.0%} of their text to a filter" if isinstance(share, (int, float)) else \
+            "documents that lost text to a filter"
+        out.append(f"<p class='muted'>{escape(head)}: {len(docs)}{escape(more)}; share of the document's chunk tokens "
+                   "(removed chunks)</p>")
+        out.append(_table(["document", "chunks", *[f"curate: {s.replace('_', ' ')}" for s in steps]], body))
+    bounds = report.get("bounds") or {}
+    if bounds:
+        body = [[_td(k), _td(f"{v['median']:g}" if v.get("median") is not None else "–", True), _td(f"{v['bound']:g}", True),
+                 _td(f"{v['gopher']:g}", True)] for k, v in bounds.items()]
+        out.append(f"<details><summary>curate quality bounds ({escape(str(report.get('quality_mode')))} mode)</summary>"
+                   + _table(["statistic", "corpus median", "bound used", "Gopher (web text)"], body) + "</details>")
+    return out
 
 
 def _eval_section(results: dict | None) -> str:
