@@ -244,6 +244,7 @@ def test_a_budgeted_build_plans_records_and_skips_when_unchanged(tmp_path, monke
     second = json.loads((run / "budget.json").read_text())
     assert again.output.count("unchanged since") == 3, (record, second)  # ingest, curate, dapt
     assert second["probes_cached"] and second["plan"]["settings"] == plan["settings"]
+    assert second["facts"]["source"]["curate"] == "previous manifest"  # the first build's seconds, not the estimate
     # --budget 0 runs the recipe as written: 4 steps
     plain = CliRunner().invoke(app, ["build", str(recipe), "--budget", "0", "--until", "dapt"])
     assert plain.exit_code == 0, plain.output
@@ -267,3 +268,12 @@ def test_build_clock_eta():
     assert clock.remaining(0.25) == pytest.approx(60 + 60)
     assert clock.remaining(1.0) == pytest.approx(10 + 60)  # a finished inner bar: the plan
     assert "eta 0:02:00" in clock.line() or "eta" in clock.line()
+
+
+def test_no_budget_and_no_training_probes_nothing(tmp_path, corpus):
+    from slmforge.budget.build import prepare
+    from slmforge.run import RunDir
+
+    recipe = build_recipe({"name": "t", "documents": str(corpus), "run_dir": str(tmp_path / "runs")})
+    same, build = prepare(recipe, RunDir(recipe.run_path))
+    assert same is recipe and build is None and not (recipe.run_path / "budget.json").exists()

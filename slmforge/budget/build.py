@@ -138,6 +138,9 @@ def needs_probes(recipe) -> bool:
 def prepare(recipe, run: RunDir, say=print):
     """(the recipe this build runs, Build or None). Probes only when a budget is set or `precision: auto` must be
     settled for an enabled training stage on CPU."""
+    from slmforge import console
+
+    console.build_clock = None  # an earlier build's, in this process
     if not needs_probes(recipe):
         return recipe, None
     import torch

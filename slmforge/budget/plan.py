@@ -187,6 +187,8 @@ def make_plan(recipe, fig: Figures, facts: dict, budget_s: float, previous: dict
     notes = []
     if not base_settings(recipe):
         notes.append("nothing to size: no enabled stage has planned settings")
+    if recipe.generate.enabled and recipe.generate.teacher.backend == "transformers" and not recipe.generate.max_chunks:
+        notes.append("generate.max_chunks is 0 (every chunk): not planned, and its teacher time is not predicted")
     if recipe.generate.enabled and recipe.generate.teacher.backend not in ("transformers", "none"):
         notes.append(f"generate.max_chunks is not planned: the {recipe.generate.teacher.backend} teacher is not probed")
     if previous and previous.get("inputs") == inputs and isinstance(previous.get("settings"), dict):
