@@ -149,6 +149,15 @@ def test_predicted_training_seconds_follow_the_figures(demo):
     assert planner.train_seconds("dapt", demo, FIG) > expected + replay
 
 
+def test_eval_prediction_counts_items_models_and_the_questions_found(demo):
+    full = planner.eval_seconds(demo, FIG, FACTS)
+    assert planner.eval_seconds(demo, FIG, {**FACTS, "doc_questions": 4}) < full  # the held-out pages gave 4 last time
+    demo.dpo.enabled = False
+    assert planner.eval_models(demo) == 3 and planner.eval_seconds(demo, FIG, FACTS) < full  # one model fewer to score
+    demo.eval.items = {k: n // 2 for k, n in demo.eval.items.items()}
+    assert planner.eval_seconds(demo, FIG, FACTS) < planner.eval_seconds(demo, FIG, FACTS | {"eval_fixed": 11.0})
+
+
 # ---------------------------------------------------------------------------------------------- precision
 def test_precision_auto_picks_the_measured_faster_one():
     fp32 = StepFigures(token_s=0.008, step_s=0.3, forward_token_s=0.002)

@@ -45,6 +45,9 @@ def fixed_costs(recipe, run: RunDir, fig: Figures) -> dict:
         facts["source"][stage] = "estimate (documents MB)"
     facts[art.EXPORT] = EXPORT_S + EXPORT_PER_GGUF_S * len(recipe.export.gguf)
     facts["source"][art.EXPORT] = "estimate (GGUF files)"
+    benchmarks = ((run.manifest(art.EVAL) or {}).get("counts") or {}).get("benchmarks") or {}
+    if benchmarks:  # how many questions the held-out documents gave last time (at most eval.doc_questions)
+        facts["doc_questions"] = int(benchmarks.get("doc_questions", 0))
     for stage in (art.INGEST, art.CURATE, art.GENERATE, art.EXPORT):
         done = run.manifest(stage)
         if not done or done.get("adopted") or "seconds" not in done:

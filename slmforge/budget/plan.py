@@ -146,7 +146,7 @@ def eval_seconds(recipe, fig: Figures, facts: dict) -> float:
     per_model += cfg.perplexity_words * TOKENS_PER_WORD * fwd
     if cfg.general:
         per_model += (cfg.general_mcq_items * 4 * GENERAL_MCQ_TOKENS + cfg.general_text_words * TOKENS_PER_WORD) * fwd
-    questions = facts.get("questions", 0) + cfg.doc_questions
+    questions = facts.get("questions", 0) + min(cfg.doc_questions, facts.get("doc_questions", cfg.doc_questions))
     per_model += questions * cfg.question_options * (cfg.question_option_words * TOKENS_PER_WORD + QUESTION_PROMPT_TOKENS) * fwd
     teacher = 0.0
     if cfg.teacher and cfg.teacher_chunks and recipe.generate.teacher.backend == "transformers" and fig.generate:
@@ -158,7 +158,8 @@ def eval_seconds(recipe, fig: Figures, facts: dict) -> float:
 
 def predict(recipe, fig: Figures, facts: dict) -> dict[str, float]:
     """{stage: predicted seconds} of every enabled stage. `facts` holds the fixed costs measured or estimated outside
-    (ingest, curate, generate's extractive part, export, eval_fixed: seconds; questions: eval.questions rows)."""
+    (ingest, curate, generate's extractive part, export, eval_fixed: seconds; questions: eval.questions rows;
+    doc_questions: how many the held-out documents gave last time, when known)."""
     out = {}
     for stage in recipe.enabled_stages():
         if stage in PLANNED_TRAIN:
