@@ -157,7 +157,7 @@ def prepare(recipe, run: RunDir, say=print):
         teacher_path, teacher_id = resolve_model(teacher.model), model_identity(teacher.model)
     started = time.time()
     fig = figures(recipe, model_path, model_identity(recipe.base_model), teacher_path, teacher_id,
-                  progress=lambda msg: say(f"  probe: {msg}"))
+                  progress=lambda msg: say(f"  probe: {msg}"), generation=bool(recipe.budget))
     record: dict = {"figures": fig.model_dump(mode="json"), "probe_s": fig.probe_s, "probes_cached": fig.cached,
                     "probe_wall_s": round(time.time() - started, 1)}
     resolved = recipe.model_copy(deep=True)

@@ -229,10 +229,12 @@ def _cache_file(key: dict) -> Path:
 
 
 def figures(recipe, model_path: str, model_id: str, teacher_path: str | None, teacher_id: str | None,
-            progress=None) -> Figures:
-    """The probe figures for this machine, this model and these sizes: from the cache, else measured and cached."""
+            progress=None, generation: bool = True) -> Figures:
+    """The probe figures for this machine, this model and these sizes: from the cache, else measured and cached.
+    generation=False (settling `precision: auto` without a budget) times the training steps only."""
     sizes = probe_sizes(recipe)
-    key = {"version": PROBE_VERSION, "machine": machine(), "model": model_id, "teacher": teacher_id or "", "sizes": sizes}
+    key = {"version": PROBE_VERSION, "machine": machine(), "model": model_id, "teacher": teacher_id or "", "sizes": sizes,
+           "generation": generation}
     path = _cache_file(key)
     if path.is_file():
         try:
@@ -247,9 +249,11 @@ def figures(recipe, model_path: str, model_id: str, teacher_path: str | None, te
             f"and are cached; delete {path} to measure again when it is quiet[/yellow]")
     say("timing training steps (fp32, then bf16 autocast) on the real model")
     train, note, save_s, load_s = measure_training(model_path, sizes)
-    say("timing batched generation")
-    generate = measure_generation(model_path, sizes["batches"])
-    teacher_generate = measure_generation(teacher_path, sizes["batches"]) if teacher_path else {}
+    generate = teacher_generate = {}
+    if generation:
+        say("timing batched generation")
+        generate = measure_generation(model_path, sizes["batches"])
+        teacher_generate = measure_generation(teacher_path, sizes["batches"]) if teacher_path else {}
     result = Figures(machine=key["machine"], model=model_id, train=train, bf16_note=note,
                      precision=faster_precision(train, sizes["large"]), save_s=save_s, load_s=load_s, generate=generate,
                      teacher_generate=teacher_generate, teacher=teacher_id or "", load=round(load, 2),
