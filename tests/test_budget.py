@@ -203,6 +203,9 @@ def test_probes_measure_the_model_and_are_cached_per_machine_and_model(tmp_path,
     assert not fig.cached and fig.probe_s > 0 and fig.precision in fig.train
     assert {"fp32"} <= set(fig.train) and fig.train["fp32"].token_s > 0 and fig.save_s > 0 and fig.generate
     assert fig.machine["cores"] >= 1 and fig.machine["cpu"]
+    only_steps = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None, generation=False)
+    assert not only_steps.cached and not only_steps.generate and only_steps.train  # precision only: no generation probe
+
     class Measured(Exception):
         pass
 
