@@ -138,3 +138,5 @@ def gguf_file(run_name: str, gguf_type: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ the run
 REPORT = Artifact(RUN, "report.html", "report", description="the self-contained run report")
+BUILD_PLAN = Artifact(RUN, "budget.json", "report", description="the build's probe figures, precision choice and budget "
+                      "plan, with planned and actual seconds per stage")

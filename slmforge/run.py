@@ -444,7 +444,9 @@ class RunDir:
         out.update(stage.external_inputs(recipe, self))
         return out
 
-    def execute(self, stage: Stage, recipe: Recipe, *, force: bool = False) -> StageOutcome:
+    def execute(self, stage: Stage, recipe: Recipe, *, force: bool = False, notes: dict | None = None) -> StageOutcome:
+        """Run `stage` unless a finished one has the same key. `notes` (e.g. the build's planned seconds) join the
+        manifest as "build"; they are not part of the key."""
         inputs = self.input_hashes(stage, recipe)
         config = recipe.stage_config(stage.name)
         code = code_hash(type(stage).__module__)
@@ -477,6 +479,8 @@ class RunDir:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(time.time() - started, 3),
         }
+        if notes:
+            manifest["build"] = notes
         atomic_write_json(out / MANIFEST, manifest)
         self._publish(stage.name, out)
         shutil.rmtree(work, ignore_errors=True)

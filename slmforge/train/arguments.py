@@ -14,6 +14,8 @@ def trainer_kwargs(cfg: TrainSection, output_dir: Path, seed: int) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
+    # "auto" is settled before a build runs (slmforge/budget: the faster of the two, timed on real steps); it reaches
+    # here only when a stage is run without the CLI, and then the CPU flag decides
     bf16 = {"bf16": True, "fp32": False}.get(cfg.precision, cuda and torch.cuda.is_bf16_supported() or cpu_fast_bf16())
     checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else False
     return dict(

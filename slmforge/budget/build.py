@@ -1,0 +1,195 @@
+"""A build under a budget: probe (cached), settle `precision: auto`, plan, and record planned against actual seconds.
+
+`prepare` returns the recipe every stage of this invocation runs with: precision and the planned fields set on its
+typed sections, so the stages' cache keys see them (an unchanged plan skips finished stages; a changed one reruns).
+It writes runs/<name>/budget.json (plan, probe figures, precision choice, fixed-cost estimates) and, after each stage,
+that stage's planned and actual seconds; each stage's own manifest gets its planned seconds and precision under "build".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from slmforge import artifacts as art
+from slmforge.budget import plan as planner
+from slmforge.budget.probes import Figures, figures
+from slmforge.run import RunDir, atomic_write_json
+
+TRAIN = art.TRAIN_STAGES
+# first-build estimates of the stages the plan does not size, per MB of documents (this 2-core AMX Xeon, demo corpus);
+# replaced by the previous build's manifests once there are some
+PER_MB = {art.INGEST: (1.0, 2.0), art.CURATE: (5.0, 10.0), art.GENERATE: (5.0, 15.0)}
+EXPORT_S, EXPORT_PER_GGUF_S = 15.0, 25.0
+
+
+def documents_mb(folder: Path) -> float:
+    """Size of the documents folder (a cheap measure: stat only)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 1e6
+
+
+def _rows(path: Path | None) -> int:
+    if path is None or not Path(path).is_file():
+        return 0
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    return sum(1 for line in text.splitlines() if line.strip()) - (1 if Path(path).suffix == ".csv" else 0)
+
+
+def fixed_costs(recipe, run: RunDir, fig: Figures) -> dict:
+    """Seconds of the stages the plan does not size: the previous build's manifests when present, else per MB."""
+    mb = documents_mb(recipe.documents)
+    facts: dict = {"documents_mb": round(mb, 3), "questions": _rows(recipe.eval.questions), "source": {}}
+    for stage, (base, per_mb) in PER_MB.items():
+        facts[stage] = base + per_mb * mb
+        facts["source"][stage] = "estimate (documents MB)"
+    facts[art.EXPORT] = EXPORT_S + EXPORT_PER_GGUF_S * len(recipe.export.gguf)
+    facts["source"][art.EXPORT] = "estimate (GGUF files)"
+    benchmarks = ((run.manifest(art.EVAL) or {}).get("counts") or {}).get("benchmarks") or {}
+    if benchmarks:  # how many questions the held-out documents gave last time (at most eval.doc_questions)
+        facts["doc_questions"] = int(benchmarks.get("doc_questions", 0))
+    for stage in (art.INGEST, art.CURATE, art.GENERATE, art.EXPORT):
+        done = run.manifest(stage)
+        if not done or done.get("adopted") or "seconds" not in done:
+            continue
+        seconds = float(done["seconds"])
+        if stage == art.GENERATE:  # its extractive part: the teacher's predicted share of that build taken out
+            try:
+                before = planner.apply(recipe, {})
+                before.generate = type(recipe.generate).model_validate(done["config"]["stage"])
+                seconds = max(1.0, seconds - planner.teacher_seconds(before, fig))
+            except (KeyError, ValueError):
+                continue
+        facts[stage] = round(seconds, 1)
+        facts["source"][stage] = "previous manifest"
+    return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in facts.items()}
+
+
+def precision_record(fig: Figures, tokens: int) -> dict:
+    """precision: auto's choice and the step times it was made on (seconds per step of `tokens` tokens)."""
+    return {"choice": fig.precision, "tokens_per_step": tokens,
+            "step_s": {p: round(fig.step_seconds(tokens, p), 3) for p in fig.train},
+            "measured": {p: f.measured for p, f in fig.train.items()}, **({"note": fig.bf16_note} if fig.bf16_note else {})}
+
+
+class Build:
+    """Planned and actual seconds of one invocation's stages; feeds budget.json, the manifests and the console ETA."""
+
+    def __init__(self, run: RunDir, record: dict, planned: dict[str, float]):
+        self.run, self.record, self.planned = run, record, planned
+        self.started = time.time()
+        self.record.setdefault("stages", {})
+
+    def start(self, stages: list[str]) -> None:
+        """This invocation runs `stages`: the console's build ETA counts their planned seconds."""
+        from slmforge import console
+
+        planned = {s: self.planned[s] for s in stages if s in self.planned}
+        console.build_clock = console.BuildClock(planned, self.record.get("budget_s")) if planned else None
+        self.started = time.time()
+
+    def header(self, stage: str) -> str:
+        """Beside the stage's name: its planned seconds and the whole build's ETA."""
+        from slmforge import console
+
+        clock = console.build_clock
+        if clock is None or stage not in self.planned:
+            return ""
+        clock.begin(stage)
+        return f"  [dim](planned {_fmt(self.planned[stage])}; {clock.line()})[/dim]"
+
+    def notes(self, stage: str) -> dict | None:
+        out = {}
+        if stage in self.planned:
+            out["planned_s"] = self.planned[stage]
+        if stage in TRAIN and "precision" in self.record:
+            out["precision"] = self.record["precision"]
+        if "budget_s" in self.record:
+            out["budget_s"] = self.record["budget_s"]
+        return out or None
+
+    def finished(self, stage: str, seconds: float, skipped: bool) -> None:
+        from slmforge import console
+
+        if console.build_clock is not None:
+            console.build_clock.end(stage)
+        self.record["stages"][stage] = {"planned_s": self.planned.get(stage), "actual_s": round(seconds, 1), "skipped": skipped}
+        stages = self.record["stages"].values()
+        self.record["total"] = {"planned_s": round(sum(s["planned_s"] or 0 for s in stages), 1),
+                                "actual_s": round(sum(s["actual_s"] for s in stages), 1),
+                                "wall_s": round(time.time() - self.started, 1)}
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.run.path(art.BUILD_PLAN), self.record)
+
+
+def _previous(run: RunDir) -> dict | None:
+    try:
+        return json.loads(run.path(art.BUILD_PLAN).read_text()).get("plan")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def needs_probes(recipe) -> bool:
+    import torch
+
+    train = [getattr(recipe, s) for s in TRAIN if getattr(recipe, s).enabled]
+    return bool(recipe.budget) or (bool(train) and not torch.cuda.is_available() and any(c.precision == "auto" for c in train))
+
+
+def prepare(recipe, run: RunDir, say=print):
+    """(the recipe this build runs, Build or None). Probes only when a budget is set or `precision: auto` must be
+    settled for an enabled training stage on CPU."""
+    from slmforge import console
+
+    console.build_clock = None  # an earlier build's, in this process
+    if not needs_probes(recipe):
+        return recipe, None
+    import torch
+
+    from slmforge.models import model_identity, resolve_model
+
+    model_path = resolve_model(recipe.base_model)
+    teacher = recipe.generate.teacher
+    teacher_path = teacher_id = None
+    if recipe.budget and recipe.generate.enabled and teacher.backend == "transformers" and teacher.model != "base":
+        teacher_path, teacher_id = resolve_model(teacher.model), model_identity(teacher.model)
+    started = time.time()
+    fig = figures(recipe, model_path, model_identity(recipe.base_model), teacher_path, teacher_id,
+                  progress=lambda msg: say(f"  probe: {msg}"), generation=bool(recipe.budget))
+    record: dict = {"figures": fig.model_dump(mode="json"), "probe_s": fig.probe_s, "probes_cached": fig.cached,
+                    "probe_wall_s": round(time.time() - started, 1)}
+    resolved = recipe.model_copy(deep=True)
+    if not torch.cuda.is_available():
+        train = [s for s in TRAIN if getattr(resolved, s).enabled and getattr(resolved, s).precision == "auto"]
+        for s in train:
+            getattr(resolved, s).precision = fig.precision
+        if train:
+            cfg = getattr(recipe, train[0])
+            record["precision"] = precision_record(fig, cfg.batch_size * cfg.max_length)
+            times = ", ".join(f"{p} {t:.2f}s" for p, t in record["precision"]["step_s"].items())
+            say(f"  precision: auto → {fig.precision} (measured per {record['precision']['tokens_per_step']}-token step: "
+                f"{times}{'; cached' if fig.cached else ''})")
+    planned: dict[str, float] = {}
+    if recipe.budget:
+        facts = fixed_costs(resolved, run, fig)
+        plan = planner.make_plan(resolved, fig, facts, recipe.budget, _previous(run))
+        resolved = planner.apply(resolved, plan.settings)
+        planned = plan.predicted
+        record.update(budget_s=recipe.budget, plan=plan.model_dump(mode="json"), facts=facts)
+        shown = ", ".join(f"{k} {v}" for k, v in plan.settings.items() if k != "eval.items")
+        if "eval.items" in plan.settings:
+            shown += f", eval items {sum(plan.settings['eval.items'].values())}"
+        say(f"  budget {_fmt(recipe.budget)}: probes {fig.probe_s:.0f}s{' (cached)' if fig.cached else ''}; plan ×{plan.scale:g}: "
+            f"{shown}; predicted {_fmt(plan.predicted_total_s)} of {_fmt(plan.usable_s)} usable")
+        for note in plan.notes:
+            say(f"  [yellow]budget:[/yellow] {note}")
+    build = Build(run, record, planned)
+    build.save()
+    return resolved, build
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

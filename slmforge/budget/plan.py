@@ -1,0 +1,222 @@
+"""The budget planner: probe figures + recipe + fixed-cost estimates -> per-stage settings and predicted seconds.
+
+A pure function (no clock, no files), so it is tested on fixed figures. The recipe's own settings give the
+proportions and the budget gives the scale: one factor s, taken from a geometric grid (steps of 2^(1/8), ~9%), scales
+the teacher's chunks (generate.max_chunks) and every enabled training stage's max_steps (rounded to the nearest multiple
+of its save_steps), and, only when s < 1, the eval items per kind. The largest s whose predicted build fits
+budget * (1 - margin) - probe seconds wins. The grid and the rounding make the plan move only when the machine's speed
+does; and a previous plan made from the same inputs is kept while it still fits the budget (margin included) and
+spends most of it (`KEEP`), so refined fixed-cost estimates after the first build do not rerun its stages.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, Field
+
+from slmforge.budget.probes import Figures
+from slmforge.run import hash_obj
+
+MARGIN = 0.10  # share of the budget left unplanned: estimates are estimates
+KEEP = 0.85  # a previous plan is kept while it predicts at least this share of the usable budget (and fits)
+GRID = range(-40, 49)  # s = 2 ** (k / 8): 1/32 .. 64
+EVAL_MIN_ITEMS = 10  # a shrunk benchmark keeps at least this many items per kind (or all it had)
+TRAINER_SETUP_S = 4.0  # building the Trainer, tokenizing the stage's data, accelerate's setup
+EVAL_MODEL_SETUP_S = 5.0  # lm-eval's setup per scored model
+TOKENS_PER_WORD = 1.5
+# tokens a scored item costs (prompt; or prompt + option per choice), from the demo's benchmarks
+MCQ_TOKENS, GENERAL_MCQ_TOKENS, QUESTION_PROMPT_TOKENS = 150, 100, 40
+PROMPT_TOKENS = {"cloze": 120, "qa": 200, "summary": 350}
+TEACHER_INSTRUCTION_TOKENS = 80
+PLANNED_TRAIN = ("dapt", "sft", "dpo")
+
+
+class Plan(BaseModel):
+    budget_s: float
+    usable_s: float = Field(description="budget less the safety margin and the probes' own time")
+    scale: float
+    settings: dict = Field(description="the planned recipe fields: 'dapt.max_steps' -> 40, 'eval.items' -> {...}")
+    predicted: dict[str, float] = Field(description="stage -> predicted seconds under the planned settings")
+    predicted_total_s: float
+    fits: bool
+    kept_previous: bool = False
+    inputs: str = Field(description="hash of what the plan was made from (recipe as written, probe figures, budget)")
+    notes: list[str] = Field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ settings
+def base_settings(recipe) -> dict:
+    """The planned fields as the recipe writes them (the proportions the plan scales)."""
+    out: dict = {}
+    if recipe.generate.enabled and recipe.generate.max_chunks and recipe.generate.teacher.backend == "transformers":
+        out["generate.max_chunks"] = recipe.generate.max_chunks
+    for stage in PLANNED_TRAIN:
+        if getattr(recipe, stage).enabled:
+            out[f"{stage}.max_steps"] = getattr(recipe, stage).max_steps
+    if recipe.eval.enabled:
+        out["eval.items"] = dict(recipe.eval.items)
+    return out
+
+
+def scaled(recipe, s: float) -> dict:
+    out = {}
+    for field, value in base_settings(recipe).items():
+        if field == "eval.items":
+            e = min(1.0, s)
+            out[field] = {k: n if n <= EVAL_MIN_ITEMS else max(EVAL_MIN_ITEMS, math.floor(n * e)) for k, n in value.items()}
+        elif field == "generate.max_chunks":
+            out[field] = max(1, math.floor(value * s + 1e-9))
+        else:
+            save = getattr(recipe, field.split(".")[0]).save_steps
+            q = save if value >= save else 1  # whole checkpoints: a resumed run and the next plan line up
+            out[field] = max(q, round(value * s / q) * q)  # the nearest whole checkpoint: the grid checks the fit
+    return out
+
+
+def apply(recipe, settings: dict):
+    """A copy of the recipe with the planned fields set (through the typed sections, so they are validated)."""
+    out = recipe.model_copy(deep=True)
+    for field, value in settings.items():
+        section, name = field.split(".")
+        setattr(getattr(out, section), name, value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ predictions
+def _precision(cfg, fig: Figures) -> str:
+    p = fig.precision if cfg.precision == "auto" else cfg.precision
+    return p if p in fig.train else "fp32"
+
+
+def train_seconds(stage: str, recipe, fig: Figures) -> float:
+    cfg = getattr(recipe, stage)
+    prec = _precision(cfg, fig)
+    micro_tokens = cfg.batch_size * cfg.max_length * (2 if stage == "dpo" else 1)  # DPO: chosen and rejected
+    step = cfg.grad_accum * fig.step_seconds(micro_tokens, prec)
+    seconds = fig.load_s + TRAINER_SETUP_S + cfg.max_steps * step + (cfg.max_steps // cfg.save_steps) * fig.save_s
+    seconds += 0.4 * fig.save_s  # the final model folder (weights only)
+    if stage == "dapt" and cfg.general_dataset is None and (cfg.domain_ratio < 1 or cfg.upsample_ratio < 1) and fig.generate:
+        g = fig.generation(8)  # self-synthesized replay, batches of 8 (train/mixture.py)
+        seconds += math.ceil(cfg.replay_samples / 8) * (cfg.replay_max_new_tokens * g.decode_step_s + 8 * 40 * g.prefill_token_s)
+    if stage == "dpo" and cfg.precompute_ref:  # reference log-probs of every pair used, forward only
+        pairs = cfg.max_steps * cfg.batch_size * cfg.grad_accum
+        seconds += pairs * 2 * cfg.max_length * fig.train[prec].forward_token_s
+    return seconds
+
+
+def teacher_requests(recipe) -> int:
+    """Requests the generate stage sends its teacher (preference's closed-book answers counted at their maximum)."""
+    from slmforge.generate.pipeline import MODEL_KINDS
+
+    cfg = recipe.generate
+    kinds = set(cfg.kinds) & set(cfg.teacher_kinds) & set(MODEL_KINDS)
+    per_chunk = len(kinds - {"preference"}) * cfg.items_per_chunk + ("preference" in kinds) * cfg.items_per_chunk
+    return cfg.max_chunks * per_chunk
+
+
+def teacher_seconds(recipe, fig: Figures) -> float:
+    t = recipe.generate.teacher
+    if t.backend != "transformers" or not recipe.generate.max_chunks or not fig.generate:
+        return 0.0
+    g = fig.generation(t.batch_size, teacher=True)
+    prompt = min(recipe.generate.max_passage_words, 400) * TOKENS_PER_WORD + TEACHER_INSTRUCTION_TOKENS
+    batches = math.ceil(teacher_requests(recipe) / t.batch_size)
+    return batches * (t.max_new_tokens * g.decode_step_s + t.batch_size * prompt * g.prefill_token_s)
+
+
+def eval_models(recipe) -> int:
+    return sum(1 for m in recipe.eval.models if m == "base" or (m in PLANNED_TRAIN and getattr(recipe, m).enabled))
+
+
+def eval_seconds(recipe, fig: Figures, facts: dict) -> float:
+    """Predicted eval stage: every scored model x (its setup + every benchmark item), plus building the benchmarks."""
+    cfg = recipe.eval
+    fwd = fig.train["fp32"].forward_token_s
+    per_model = fig.load_s + EVAL_MODEL_SETUP_S
+    if fig.generate:
+        g = fig.generation(cfg.batch_size)
+        for kind in cfg.kinds:
+            n = cfg.items.get(kind, 0)
+            if kind == "mcq":
+                per_model += n * 4 * MCQ_TOKENS * fwd
+            else:
+                per_model += n * (PROMPT_TOKENS[kind] * g.prefill_token_s
+                                  + cfg.max_new_tokens.get(kind, 32) * g.decode_step_s / cfg.batch_size)
+    per_model += cfg.perplexity_words * TOKENS_PER_WORD * fwd
+    if cfg.general:
+        per_model += (cfg.general_mcq_items * 4 * GENERAL_MCQ_TOKENS + cfg.general_text_words * TOKENS_PER_WORD) * fwd
+    questions = facts.get("questions", 0) + min(cfg.doc_questions, facts.get("doc_questions", cfg.doc_questions))
+    per_model += questions * cfg.question_options * (cfg.question_option_words * TOKENS_PER_WORD + QUESTION_PROMPT_TOKENS) * fwd
+    teacher = 0.0
+    if cfg.teacher and cfg.teacher_chunks and recipe.generate.teacher.backend == "transformers" and fig.generate:
+        t = recipe.generate.teacher
+        g = fig.generation(t.batch_size, teacher=True)
+        teacher = math.ceil(cfg.teacher_chunks * len(cfg.teacher_kinds) / t.batch_size) * t.max_new_tokens * g.decode_step_s
+    return facts.get("eval_fixed", 10.0) + teacher + eval_models(recipe) * per_model
+
+
+def predict(recipe, fig: Figures, facts: dict) -> dict[str, float]:
+    """{stage: predicted seconds} of every enabled stage. `facts` holds the fixed costs measured or estimated outside
+    (ingest, curate, generate's extractive part, export, eval_fixed: seconds; questions: eval.questions rows;
+    doc_questions: how many the held-out documents gave last time, when known)."""
+    out = {}
+    for stage in recipe.enabled_stages():
+        if stage in PLANNED_TRAIN:
+            out[stage] = train_seconds(stage, recipe, fig)
+        elif stage == "generate":
+            out[stage] = facts.get("generate", 0.0) + teacher_seconds(recipe, fig)
+        elif stage == "eval":
+            out[stage] = eval_seconds(recipe, fig, facts)
+        else:
+            out[stage] = facts.get(stage, 0.0)
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------ the plan
+def plan_inputs(recipe, fig: Figures, budget_s: float) -> str:
+    """What a plan is made from, less the fixed-cost estimates (which improve after the first build)."""
+    figures = fig.model_dump(mode="json", exclude={"cached"})
+    return hash_obj({"recipe": recipe.model_dump(mode="json", exclude={"budget", "serve"}), "figures": figures,
+                     "budget": budget_s})
+
+
+def make_plan(recipe, fig: Figures, facts: dict, budget_s: float, previous: dict | None = None) -> Plan:
+    """The plan for `recipe` (as written; precision already resolved) on a machine with figures `fig`."""
+    usable = budget_s * (1 - MARGIN) - fig.probe_s
+    inputs = plan_inputs(recipe, fig, budget_s)
+    notes = []
+    if not base_settings(recipe):
+        notes.append("nothing to size: no enabled stage has planned settings")
+    if recipe.generate.enabled and recipe.generate.teacher.backend == "transformers" and not recipe.generate.max_chunks:
+        notes.append("generate.max_chunks is 0 (every chunk): not planned, and its teacher time is not predicted")
+    if recipe.generate.enabled and recipe.generate.teacher.backend not in ("transformers", "none"):
+        notes.append(f"generate.max_chunks is not planned: the {recipe.generate.teacher.backend} teacher is not probed")
+    if previous and previous.get("inputs") == inputs and isinstance(previous.get("settings"), dict):
+        try:
+            kept = predict(apply(recipe, previous["settings"]), fig, facts)
+        except (ValueError, AttributeError):
+            kept = None
+        # kept while it spends most of the usable budget and fits the budget itself: refining an estimate may use the
+        # safety margin, which is there for estimates being off
+        if kept is not None and KEEP * usable <= sum(kept.values()) <= budget_s - fig.probe_s:
+            return Plan(budget_s=budget_s, usable_s=round(usable, 1), scale=previous.get("scale", 1.0),
+                        settings=previous["settings"], predicted=kept, predicted_total_s=round(sum(kept.values()), 1),
+                        fits=True, kept_previous=True, inputs=inputs, notes=notes + ["kept the previous plan: it still fits"])
+    best = None
+    for k in GRID:
+        s = 2 ** (k / 8)
+        settings = scaled(recipe, s)
+        predicted = predict(apply(recipe, settings), fig, facts)
+        total = sum(predicted.values())
+        if best is None or total <= usable:
+            best = (s, settings, predicted, total)
+        if total > usable:
+            break
+    s, settings, predicted, total = best
+    fits = total <= usable
+    if not fits:
+        notes.append(f"the budget is too small: the smallest plan needs {total:.0f}s of {usable:.0f}s usable "
+                     "(fixed costs: ingest, curate, export, eval setup)")
+    return Plan(budget_s=budget_s, usable_s=round(usable, 1), scale=round(s, 4), settings=settings, predicted=predicted,
+                predicted_total_s=round(total, 1), fits=fits, inputs=inputs, notes=notes)

@@ -1,0 +1,291 @@
+"""Time-boxed builds: the budget's recipe forms, the planner on fixed probe figures, the probe cache, precision: auto,
+and a planned build's records (budget.json, manifests) on a tiny real model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_recipe
+from slmforge.budget import plan as planner
+from slmforge.budget.probes import Figures, GenerateFigures, StepFigures, faster_precision
+from slmforge.recipe import RecipeError, build_recipe, load_recipe, parse_duration
+
+# Figures of the shape a 2-core AMX Xeon measures for SmolLM2-135M (bf16 autocast ~1.8x faster than fp32), where the
+# demo recipe as written is predicted at ~11 minutes (it took 667 s on such a machine).
+FIG = Figures(
+    machine={"cpu": "test cpu", "cores": 2}, model="m",
+    train={"fp32": StepFigures(token_s=0.004, step_s=0.15, forward_token_s=0.00075),
+           "bf16": StepFigures(token_s=0.00225, step_s=0.15, forward_token_s=0.0005)},
+    precision="bf16", save_s=1.5, load_s=0.5,
+    generate={"4": GenerateFigures(decode_step_s=0.025, prefill_token_s=0.0005),
+              "8": GenerateFigures(decode_step_s=0.035, prefill_token_s=0.0005)},
+    probe_s=30.0)
+FACTS = {"ingest": 5.0, "curate": 25.0, "generate": 30.0, "export": 90.0, "questions": 26}
+
+
+def slower(fig: Figures, factor: float) -> Figures:
+    """The same machine `factor` times slower at everything."""
+    data = fig.model_dump()
+    for f in data["train"].values():
+        f.update(token_s=f["token_s"] * factor, step_s=f["step_s"] * factor, forward_token_s=f["forward_token_s"] * factor)
+    for g in data["generate"].values():
+        g.update(decode_step_s=g["decode_step_s"] * factor, prefill_token_s=g["prefill_token_s"] * factor)
+    data.update(save_s=fig.save_s * factor, load_s=fig.load_s * factor)
+    return Figures.model_validate(data)
+
+
+@pytest.fixture
+def demo(tmp_path):
+    """The shipped demo recipe, precision settled as the build settles it."""
+    recipe = load_recipe("examples/postgres/recipe.yaml", overrides=[f"run_dir={tmp_path}"])
+    for s in ("dapt", "sft", "dpo"):
+        getattr(recipe, s).precision = "bf16"
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+@pytest.mark.parametrize("value, seconds", [("20m", 1200), ("1h30m", 5400), ("900s", 900), (900, 900), ("90", 90),
+                                            ("1.5h", 5400), ("20min", 1200), (0, None), ("0", None), (None, None),
+                                            ("off", None)])
+def test_budget_forms(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+def test_budget_in_the_recipe_and_its_errors(tmp_path, corpus):
+    recipe = build_recipe({"name": "x", "documents": str(corpus), "budget": "20m"})
+    assert recipe.budget == 1200.0
+    assert build_recipe({"name": "x", "documents": str(corpus), "budget": None}).budget is None
+    assert build_recipe({"name": "x", "documents": str(corpus)}).budget is None  # no budget unless asked for
+    with pytest.raises(RecipeError, match="field 'budget'.*not a duration"):
+        build_recipe({"name": "x", "documents": str(corpus), "budget": "20 parsecs"}, source="r.yaml")
+    with pytest.raises(RecipeError, match="field 'budget'.*negative"):
+        build_recipe({"name": "x", "documents": str(corpus), "budget": -5})
+    assert "budget" not in recipe.stage_config("dapt")  # the budget reaches cache keys only through the plan
+
+
+def test_starter_and_demo_carry_a_budget(corpus):
+    import yaml
+
+    from slmforge.recipe import STARTER
+
+    assert build_recipe(yaml.safe_load(STARTER.format(name="s", documents=str(corpus)))).budget == 1200
+    assert load_recipe("examples/postgres/recipe.yaml").budget
+
+
+# ---------------------------------------------------------------------------------------------- the planner
+def test_plan_fits_and_spends_the_budget(demo):
+    plan = planner.make_plan(demo, FIG, FACTS, 1200)
+    assert plan.fits and plan.usable_s == pytest.approx(1200 * 0.9 - 30)
+    # within the usable budget, and spending most of it (the grid is 9% steps, steps are whole checkpoints)
+    assert 0.8 * plan.usable_s <= plan.predicted_total_s <= plan.usable_s
+    assert set(plan.predicted) == set(demo.enabled_stages())
+    for stage in ("dapt", "sft", "dpo"):
+        steps = plan.settings[f"{stage}.max_steps"]
+        assert steps % getattr(demo, stage).save_steps == 0 and steps > 0
+    # the proportions are the recipe's: DAPT keeps more steps than SFT as the demo preset has it
+    assert plan.settings["dapt.max_steps"] > plan.settings["sft.max_steps"] > plan.settings["dpo.max_steps"]
+    assert plan.settings["eval.items"] == demo.eval.items  # eval never grows, and shrinks only when short
+    # the prediction is the sum of its parts, and the planned recipe predicts the same seconds
+    assert plan.predicted == planner.predict(planner.apply(demo, plan.settings), FIG, FACTS)
+    assert planner.make_plan(demo, FIG, FACTS, 1200) == plan  # pure: same inputs, same plan
+
+
+def test_a_slower_machine_gets_a_smaller_plan_that_still_fits(demo):
+    fast = planner.make_plan(demo, FIG, FACTS, 1200)
+    slow_fig = slower(FIG, 2.0)
+    slow = planner.make_plan(demo, slow_fig, {k: v * 2 if isinstance(v, float) else v for k, v in FACTS.items()}, 1200)
+    assert slow.fits and slow.predicted_total_s <= slow.usable_s
+    assert slow.settings["dapt.max_steps"] < fast.settings["dapt.max_steps"]
+    assert slow.settings["generate.max_chunks"] <= fast.settings["generate.max_chunks"]
+    bigger = planner.make_plan(demo, FIG, FACTS, 2400)
+    assert bigger.settings["dapt.max_steps"] > fast.settings["dapt.max_steps"]
+    assert bigger.settings["sft.max_steps"] > fast.settings["sft.max_steps"]
+
+
+def test_a_short_budget_shrinks_eval_and_says_when_nothing_fits(demo):
+    short = planner.make_plan(demo, FIG, FACTS, 400)
+    items = short.settings["eval.items"]
+    assert sum(items.values()) < sum(demo.eval.items.values())
+    assert all(planner.EVAL_MIN_ITEMS <= n <= demo.eval.items[k] for k, n in items.items())
+    hopeless = planner.make_plan(demo, FIG, FACTS, 100)
+    assert not hopeless.fits and "too small" in hopeless.notes[0]
+    assert all(v >= 1 for k, v in hopeless.settings.items() if k != "eval.items")
+
+
+def test_probe_noise_does_not_move_the_plan(demo):
+    """The cached figures make the plan repeat exactly; a previous plan is kept when only the fixed-cost estimates
+    changed (the second build reads the first one's manifests) and it still fits; a new budget replans."""
+    first = planner.make_plan(demo, FIG, FACTS, 1200)
+    refined = {**FACTS, "curate": FACTS["curate"] * 1.3, "export": FACTS["export"] * 0.8}
+    second = planner.make_plan(demo, FIG, refined, 1200, previous=first.model_dump())
+    assert second.kept_previous and second.settings == first.settings
+    fresh = planner.make_plan(demo, FIG, refined, 1200)
+    assert second.predicted == fresh.predicted or fresh.settings != first.settings  # kept even where a fresh plan moves
+    assert not planner.make_plan(demo, FIG, refined, 1800, previous=first.model_dump()).kept_previous
+    # a previous plan that no longer fits is dropped
+    overrun = {**FACTS, "export": FACTS["export"] + 200}  # beyond the budget, margin included
+    assert not planner.make_plan(demo, FIG, overrun, 1200, previous=first.model_dump()).kept_previous
+
+
+def test_the_plan_reaches_the_cache_keys(demo):
+    plan = planner.make_plan(demo, FIG, FACTS, 1200)
+    planned = planner.apply(demo, plan.settings)
+    assert planned.dapt.max_steps == plan.settings["dapt.max_steps"] and demo.dapt.max_steps == 40  # a copy
+    again = planner.apply(demo, planner.make_plan(demo, FIG, FACTS, 1200).settings)
+    assert planned.stage_config("dapt") == again.stage_config("dapt")  # unchanged plan: same key, the stage is skipped
+    other = planner.apply(demo, planner.make_plan(demo, FIG, FACTS, 2400).settings)
+    assert other.stage_config("dapt") != planned.stage_config("dapt")  # changed plan: the stage reruns
+
+
+def test_predicted_training_seconds_follow_the_figures(demo):
+    dapt = demo.dapt  # 40 steps of 4 x 256 tokens, a checkpoint every 10
+    step = FIG.train["bf16"].step_s + 4 * 256 * FIG.train["bf16"].token_s
+    expected = FIG.load_s + planner.TRAINER_SETUP_S + 40 * step + 4 * FIG.save_s + 0.4 * FIG.save_s
+    replay = 1 * (dapt.replay_max_new_tokens * 0.035 + 8 * 40 * 0.0005)  # 8 replay samples: one batch of 8
+    assert planner.train_seconds("dapt", demo, FIG) == pytest.approx(expected + replay)
+    demo.dapt.precision = "fp32"
+    assert planner.train_seconds("dapt", demo, FIG) > expected + replay
+
+
+def test_eval_prediction_counts_items_models_and_the_questions_found(demo):
+    full = planner.eval_seconds(demo, FIG, FACTS)
+    assert planner.eval_seconds(demo, FIG, {**FACTS, "doc_questions": 4}) < full  # the held-out pages gave 4 last time
+    demo.dpo.enabled = False
+    assert planner.eval_models(demo) == 3 and planner.eval_seconds(demo, FIG, FACTS) < full  # one model fewer to score
+    demo.eval.items = {k: n // 2 for k, n in demo.eval.items.items()}
+    assert planner.eval_seconds(demo, FIG, FACTS) < planner.eval_seconds(demo, FIG, FACTS | {"eval_fixed": 11.0})
+
+
+# ---------------------------------------------------------------------------------------------- precision
+def test_precision_auto_picks_the_measured_faster_one():
+    fp32 = StepFigures(token_s=0.008, step_s=0.3, forward_token_s=0.002)
+    fast_bf16 = StepFigures(token_s=0.004, step_s=0.3, forward_token_s=0.001)
+    slow_bf16 = StepFigures(token_s=0.8, step_s=0.3, forward_token_s=0.1)  # emulated bf16
+    tie = StepFigures(token_s=0.0079, step_s=0.3, forward_token_s=0.002)
+    assert faster_precision({"fp32": fp32, "bf16": fast_bf16}, 1024) == "bf16"
+    assert faster_precision({"fp32": fp32, "bf16": slow_bf16}, 1024) == "fp32"
+    assert faster_precision({"fp32": fp32, "bf16": tie}, 1024) == "fp32"  # within 5%: exact fp32
+    assert faster_precision({"fp32": fp32}, 1024) == "fp32"  # bf16 not measured (emulated, stopped early)
+
+
+# ---------------------------------------------------------------------------------------------- probes and a build
+@pytest.fixture
+def tiny_model(tmp_path_factory):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from slmforge.models import resolve_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(resolve_model("default"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+TINY_TRAIN = {"enabled": True, "max_steps": 4, "batch_size": 2, "max_length": 64, "save_steps": 2, "report_to": []}
+
+
+def test_probes_measure_the_model_and_are_cached_per_machine_and_model(tmp_path, monkeypatch, tiny_model, corpus):
+    from slmforge.budget import probes
+    from slmforge.models import model_identity
+
+    monkeypatch.setenv("SLMFORGE_CACHE", str(tmp_path / "cache"))
+    recipe = build_recipe({"name": "t", "documents": str(corpus), "run_dir": str(tmp_path / "runs"), "budget": "5m",
+                           "base_model": str(tiny_model), "dapt": TINY_TRAIN})
+    fig = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None)
+    assert not fig.cached and fig.probe_s > 0 and fig.precision in fig.train
+    assert {"fp32"} <= set(fig.train) and fig.train["fp32"].token_s > 0 and fig.save_s > 0 and fig.generate
+    assert fig.machine["cores"] >= 1 and fig.machine["cpu"]
+    only_steps = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None, generation=False)
+    assert not only_steps.cached and not only_steps.generate and only_steps.train  # precision only: no generation probe
+
+    class Measured(Exception):
+        pass
+
+    def measure(*args, **kw):
+        raise Measured
+
+    monkeypatch.setattr(probes, "measure_training", measure)
+    again = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None)
+    assert again.cached and again.model_dump(exclude={"cached"}) == fig.model_dump(exclude={"cached"})
+    other_machine = {**probes.machine(), "cpu": "another cpu"}
+    monkeypatch.setattr(probes, "machine", lambda: other_machine)
+    with pytest.raises(Measured):  # another machine's figures are not this one's: it measures afresh
+        probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None)
+    monkeypatch.setattr(probes, "machine", lambda: {**other_machine, "cpu": fig.machine["cpu"]})
+    with pytest.raises(Measured):  # nor another model's
+        probes.figures(recipe, str(tiny_model), "another model", None, None)
+
+
+def test_a_budgeted_build_plans_records_and_skips_when_unchanged(tmp_path, monkeypatch, tiny_model, corpus):
+    """A tiny build under a budget, through the CLI: precision settled by measurement, the plan applied to the stages'
+    settings, planned vs actual seconds in budget.json and the manifests; the second build probes nothing, plans the
+    same and skips every stage."""
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+
+    monkeypatch.setenv("SLMFORGE_CACHE", str(tmp_path / "cache"))
+    recipe = write_recipe(tmp_path, corpus, base_model=str(tiny_model), budget="60s", curate={"heldout_fraction": 0.25},
+                          dapt={**TINY_TRAIN, "replay_samples": 2, "replay_max_new_tokens": 8})
+    result = CliRunner().invoke(app, ["build", str(recipe)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "t"
+    record = json.loads((run / "budget.json").read_text())
+    assert record["budget_s"] == 60 and not record["probes_cached"] and record["probe_s"] > 0
+    assert record["precision"]["choice"] in ("bf16", "fp32") and set(record["precision"]["step_s"]) >= {"fp32"}
+    plan = record["plan"]
+    assert set(record["stages"]) == {"ingest", "curate", "dapt"}
+    for stage, row in record["stages"].items():
+        assert row["planned_s"] == plan["predicted"][stage] and row["actual_s"] >= 0 and not row["skipped"]
+    dapt = json.loads((run / "dapt" / "manifest.json").read_text())
+    assert dapt["config"]["stage"]["max_steps"] == plan["settings"]["dapt.max_steps"] == dapt["counts"]["steps"]
+    assert dapt["config"]["stage"]["precision"] == record["precision"]["choice"]  # settled, not "auto"
+    assert dapt["build"]["planned_s"] == plan["predicted"]["dapt"] and dapt["build"]["precision"]["choice"]
+    assert "budget" in result.output and "planned" in result.output
+
+    again = CliRunner().invoke(app, ["build", str(recipe)])
+    assert again.exit_code == 0, again.output
+    second = json.loads((run / "budget.json").read_text())
+    assert again.output.count("unchanged since") == 3, (record, second)  # ingest, curate, dapt
+    assert second["probes_cached"] and second["plan"]["settings"] == plan["settings"]
+    assert second["facts"]["source"]["curate"] == "previous manifest"  # the first build's seconds, not the estimate
+    # --budget 0 runs the recipe as written: 4 steps
+    plain = CliRunner().invoke(app, ["build", str(recipe), "--budget", "0", "--until", "dapt"])
+    assert plain.exit_code == 0, plain.output
+    assert json.loads((run / "dapt" / "manifest.json").read_text())["counts"]["steps"] == 4
+
+
+def test_build_clock_eta():
+    from slmforge.console import BuildClock
+
+    now = [100.0]
+    clock = BuildClock({"a": 10.0, "b": 30.0, "c": 60.0}, budget_s=120)
+    clock.now = lambda: now[0]
+    clock.started = clock.stage_started = 100.0
+    assert clock.remaining() == 100
+    clock.begin("a")
+    now[0] = 104.0
+    assert clock.remaining() == pytest.approx(6 + 90)
+    clock.end("a")
+    clock.begin("b")
+    now[0] = 124.0  # b has run 20 s and its bar is a quarter through: 60 s more at that pace, more than its plan
+    assert clock.remaining(0.25) == pytest.approx(60 + 60)
+    assert clock.remaining(1.0) == pytest.approx(10 + 60)  # a finished inner bar: the plan
+    assert "eta 0:02:00" in clock.line() or "eta" in clock.line()
+
+
+def test_no_budget_and_no_training_probes_nothing(tmp_path, corpus):
+    from slmforge.budget.build import prepare
+    from slmforge.run import RunDir
+
+    recipe = build_recipe({"name": "t", "documents": str(corpus), "run_dir": str(tmp_path / "runs")})
+    same, build = prepare(recipe, RunDir(recipe.run_path))
+    assert same is recipe and build is None and not (recipe.run_path / "budget.json").exists()
