@@ -620,6 +620,11 @@ dpo:
 eval:
   enabled: true         # base vs every trained stage on benchmarks built from the held-out documents
 
+merge:
+  enabled: false        # specialist x base interpolations and TIES/DARE merges, scored on eval's benchmarks; the best
+  max_forgetting: 0.05  # domain score within this rise of general-text perplexity is exported (prune: {{enabled: true}}
+                        # also cuts it to ~75% of the parameters by MLP-channel importance, then recovers it briefly)
+
 export:
   enabled: true         # merged safetensors folder (with model card and licences), GGUF files, Ollama Modelfile
   corpus_license: ""    # the documents' licence, e.g. CC-BY-4.0 (written into the model card)

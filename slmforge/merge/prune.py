@@ -139,7 +139,7 @@ def prune_and_recover(ctx, model_dir: Path, work: Path, cfg, recipe) -> dict:
                                         max_new_tokens=recipe.dapt.replay_max_new_tokens,
                                         temperature=recipe.dapt.replay_temperature, seed=recipe.seed)[:cfg.calibration_texts]
     work.mkdir(parents=True, exist_ok=True)
-    pruned = work / "model"
+    pruned = work / "pruned"
     console.print(f"  pruning to {cfg.keep:.0%} of the parameters (importance on {len(domain)} domain + {len(general)} general texts)",
                   highlight=False)
     info = prune_folder(model_dir, pruned, domain, general, cfg, recipe.seed)

@@ -171,7 +171,7 @@ class Benchmarks:
                              "true and eval.general_text_words > 0")
         self.domain = wanted
         self.rows: dict[str, list[dict]] = {}
-        data_dir = ctx.scratch / "benchmarks"
+        data_dir = ctx.scratch / "sample"  # the seeded sample of eval's benchmark files
         data_files = {}
         for b in (*wanted, FORGETTING_BENCH):
             rows = read_jsonl(folder / benchmark_file(b))
