@@ -151,3 +151,32 @@ def test_merge_stage_is_ordered_after_eval_and_before_export():
 
     names = [s.name for s in ordered(["export", "merge", "eval", "dpo", "sft"])]
     assert names.index("sft") < names.index("dpo") < names.index("eval") < names.index("merge") < names.index("export")
+
+
+def test_export_and_serve_take_the_merged_model_unless_it_is_stale(tmp_path):
+    from slmforge.artifacts import MERGED_MODEL, trained_model
+    from slmforge.export.merge import resolve_source
+    from slmforge.recipe import build_recipe
+    from slmforge.run import MANIFEST, RunDir, atomic_write_json, sha256_file
+    from slmforge.serve.app import serving_model
+
+    run = RunDir(tmp_path / "runs" / "t")
+
+    def finish(stage: str, folder: Path, inputs: dict | None = None, weights: bytes = b"w"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(stage.encode() + weights)
+        outputs = {f"{folder.name}/{p.name}": sha256_file(p) for p in folder.iterdir()}
+        atomic_write_json(run.stage_dir(stage) / MANIFEST, {"stage": stage, "outputs": outputs, "inputs": inputs or {}})
+
+    finish("sft", run.path(trained_model("sft")))
+    assert resolve_source("auto", run, "default").label == "sft"  # no merge stage yet
+    sft = trained_model("sft")
+    finish("merge", run.path(MERGED_MODEL), {sft.label: run.hash(sft)})
+    source = resolve_source("auto", run, "default")
+    assert source.label == "merge" and source.model == str(run.path(MERGED_MODEL))
+    recipe = build_recipe({"name": "t", "documents": str(tmp_path), "run_dir": str(tmp_path / "runs")})
+    assert serving_model(recipe) == str(run.path(MERGED_MODEL))
+    finish("sft", run.path(sft), weights=b"retrained")  # sft retrained after the merge: the merge is stale
+    assert resolve_source("auto", run, "default").label == "sft"
+    assert serving_model(recipe) == str(run.path(sft))
