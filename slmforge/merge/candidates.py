@@ -19,7 +19,10 @@ def candidate_configs(specialist: tuple[str, str], base: str, stages: dict[str, 
         out[f"linear-{t:.2f}"] = {"merge_method": "linear", "dtype": "float32",
                                   "models": [{"model": spec, "parameters": {"weight": t}},
                                              {"model": base, "parameters": {"weight": 1 - t}}]}
-    for t in cfg.slerp:  # t = 0 is the base model, t = 1 the specialist
+    # t = 0 is the base model, t = 1 the specialist. mergekit falls back to linear interpolation for nearly colinear
+    # tensors (|cos| > 0.9995), which a short fine-tune and its base are: on the demo slerp-0.75 came out byte-identical
+    # to linear-0.75 (scored once: the score cache is keyed by the weights). SLERP differs once the models are further apart.
+    for t in cfg.slerp:
         out[f"slerp-{t:.2f}"] = {"merge_method": "slerp", "dtype": "float32", "base_model": base,
                                  "models": [{"model": base}, {"model": spec}], "parameters": {"t": t}}
     if len(stages) >= 2:
