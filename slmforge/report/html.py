@@ -133,7 +133,10 @@ def _merge_section(doc: dict | None) -> str:
     """The merge candidates (slmforge/merge): the table the stage wrote, the trade-off plot, and the choice."""
     if not doc:
         return ""
-    from slmforge.merge.stage import headline
+    from slmforge.evaluate.lm_eval_tasks import SPECS  # not slmforge.merge: eval's code hash would then cover the merge stage
+
+    def headline(bench: str) -> str:
+        return SPECS[bench].metrics[0]
 
     domain = doc["domain_benchmarks"]
     body = []
