@@ -28,7 +28,8 @@ Role = Literal["train", "eval", "data", "model", "report"]
 INGEST, CURATE, GENERATE, DAPT, SFT, DPO, EVAL, EXPORT = "ingest", "curate", "generate", "dapt", "sft", "dpo", "eval", "export"
 INDEX = "index"
 TRAIN_STAGES = (DAPT, SFT, DPO)
-STAGES = (INGEST, CURATE, INDEX, GENERATE, DAPT, SFT, DPO, EVAL, EXPORT)  # the built-in stages (slmforge/stages.py runs them)
+MERGE = "merge"  # after the training stages and eval (it scores on eval's benchmarks), before export (which takes its model)
+STAGES = (INGEST, CURATE, INDEX, GENERATE, DAPT, SFT, DPO, EVAL, MERGE, EXPORT)  # the built-in stages (slmforge/stages.py runs them)
 RUN = ""  # artifacts that belong to the run as a whole (the report), not to one stage
 
 
@@ -122,6 +123,14 @@ def benchmark_file(bench: str) -> str:
 def predictions_file(model: str) -> str:
     return f"{model}.jsonl"
 
+
+# ------------------------------------------------------------------------------------------------ merge
+MERGED_MODEL = Artifact(MERGE, "model", "model", folder=True, description="the chosen merge candidate (or pruned model): "
+                        "what export and serve take when the merge stage ran")
+MERGE_CANDIDATES = Artifact(MERGE, "candidates.json", "report", description="every candidate's scores, forgetting, paired "
+                            "differences from the unmerged specialist, and the choice with its reason")
+MERGE_TABLE = Artifact(MERGE, "candidates.md", "report", description="the candidates table")
+MERGE_PLOT = Artifact(MERGE, "candidates.png", "report", description="domain gain vs forgetting per candidate")
 
 # ------------------------------------------------------------------------------------------------ export
 EXPORTED_MODEL = Artifact(EXPORT, "model", "model", folder=True, description="merged safetensors folder with its model card")

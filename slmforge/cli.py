@@ -209,6 +209,13 @@ def eval_(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: b
 
 
 @app.command()
+def merge(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt):
+    """Merge candidates (specialist x base interpolations, TIES/DARE of the stage models), scored on eval's benchmarks and
+    the forgetting check; the best within merge.max_forgetting (optionally pruned) becomes what export takes."""
+    run_stages(recipe, [art.MERGE], set_, force)
+
+
+@app.command()
 def report(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt):
     """Re-render runs/<name>/report.html from the run's manifests and eval results (the eval stage writes it too)."""
     from slmforge.report import write_report

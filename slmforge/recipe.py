@@ -339,6 +339,42 @@ class EvalConfig(Section):
                             "(training + held-out passages) puts index.k passages before each question")
 
 
+# --------------------------------------------------------------------------------------------- merge
+class PruneConfig(Section):
+    """Structured pruning of the chosen model's MLP channels by importance on domain and general text (D-Pruner's idea:
+    first-order weight x gradient importance on both), then a short recovery training on the curated domain text."""
+
+    enabled: bool = False
+    keep: float = Field(0.75, gt=0.2, lt=1, description="share of the model's parameters to keep")
+    multiple_of: int = Field(64, ge=1, description="the new intermediate_size is a multiple of this (GGUF quant blocks)")
+    calibration_texts: int = Field(16, ge=1, description="domain chunks and general texts each, for the importance")
+    calibration_tokens: int = Field(256, ge=16, description="tokens per calibration text")
+    general_weight: float = Field(1.0, ge=0, description="weight of the general-text importance beside the domain one")
+    recovery_steps: int = Field(16, ge=0, description="optimizer steps of recovery training (0 = none)")
+    recovery_learning_rate: float = Field(5e-5, gt=0)
+    recovery_batch_size: int = Field(4, ge=1)
+    recovery_max_length: int = Field(256, ge=16)
+
+
+class MergeConfig(Section):
+    enabled: bool = False
+    max_forgetting: float = Field(0.05, ge=0, description="largest allowed relative rise of general-text word perplexity "
+                                  "over the base (0.05 = 5%); the best domain score among candidates within it is kept")
+    linear: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75],
+                                description="linear interpolations: weight of the specialist (the rest is the base)")
+    slerp: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="SLERP from the base (0) to the specialist (1)")
+    stage_merges: list[Literal["ties", "dare_ties", "dare_linear"]] = Field(
+        default_factory=lambda: ["ties", "dare_ties"],
+        description="task-vector merges of every trained stage's model over the base (when there are two or more)")
+    density: float = Field(0.5, gt=0, le=1, description="share of each task vector kept by TIES / DARE")
+    benchmarks: list[Literal["mcq", "cloze", "qa", "summary", "questions", "doc_questions"]] = Field(
+        default_factory=lambda: ["mcq", "qa", "questions"],
+        description="eval's frozen benchmarks each candidate is scored on; the domain score is the mean of their headline "
+                    "metrics (those eval did not build are skipped)")
+    max_items: int = Field(20, ge=1, description="items per benchmark (a seeded sample, the same for every candidate)")
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+
+
 # --------------------------------------------------------------------------------------------- export
 class ExportConfig(Section):
     enabled: bool = False
@@ -438,6 +474,7 @@ class Recipe(Section):
     sft: SftConfig = Field(default_factory=SftConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig, description="`slmforge serve` (not a pipeline stage)")
     budget: float | None = Field(None, description="wall-clock budget of the whole build: 20m, 1h30m, 900s or seconds; the "
@@ -690,6 +727,11 @@ dpo:
 
 eval:
   enabled: true         # base vs every trained stage on benchmarks built from the held-out documents
+
+merge:
+  enabled: false        # specialist x base interpolations and TIES/DARE merges, scored on eval's benchmarks; the best
+  max_forgetting: 0.05  # domain score within this rise of general-text perplexity is exported (prune: {{enabled: true}}
+                        # also cuts it to ~75% of the parameters by MLP-channel importance, then recovers it briefly)
 
 export:
   enabled: true         # merged safetensors folder (with model card and licences), GGUF files, Ollama Modelfile

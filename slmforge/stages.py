@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from slmforge.artifacts import CURATE, DAPT, DPO, EVAL, EXPORT, GENERATE, INDEX, INGEST, SFT, STAGES
+from slmforge.artifacts import CURATE, DAPT, DPO, EVAL, EXPORT, GENERATE, INDEX, INGEST, MERGE, SFT, STAGES
 from slmforge.run import Stage, pipeline_order
 
 BUILTIN = {
@@ -21,6 +21,7 @@ BUILTIN = {
     SFT: "slmforge.train.sft:SftStage",
     DPO: "slmforge.train.dpo:DpoStage",
     EVAL: "slmforge.evaluate.stage:EvalStage",
+    MERGE: "slmforge.merge.stage:MergeStage",
     EXPORT: "slmforge.export.stage:ExportStage",
 }
 assert tuple(BUILTIN) == STAGES

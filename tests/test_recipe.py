@@ -148,5 +148,6 @@ def test_init_recipe_unedited_enables_the_whole_pipeline(tmp_path, corpus):
     result = CliRunner().invoke(app, ["init", str(target), "--documents", str(corpus)])
     assert result.exit_code == 0, result.output
     recipe = load_recipe(target)
-    assert recipe.enabled_stages() == list(STAGES)  # ingest ... export, nothing to switch on by hand
+    # ingest ... export, nothing to switch on by hand; merge is opt-in (it pays only when a candidate beats the specialist)
+    assert recipe.enabled_stages() == [s for s in STAGES if s != "merge"]
     assert recipe.generate.teacher.backend == "transformers" and recipe.base_model == "default"

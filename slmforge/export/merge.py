@@ -43,8 +43,14 @@ def _adapter_source(label: str, adapter: Path) -> Source:
 
 
 def resolve_source(spec: str, run: RunDir, base_model: str) -> Source:
-    """'auto' = last trained stage (dpo > sft > dapt) else the base model; 'base'; or a model / peft adapter folder."""
+    """'auto' = the merge stage's model when it ran (slmforge/merge), else the last trained stage (dpo > sft > dapt), else
+    the base model; 'base'; or a model / peft adapter folder."""
     if spec == "auto":
+        from slmforge.merge import merged_model
+
+        merged = merged_model(run)
+        if merged is not None:
+            return Source("merge", str(merged))
         trained = run.trained_models()
         if not trained:
             return Source("base", resolve_model(base_model))

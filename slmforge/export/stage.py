@@ -20,14 +20,14 @@ from pathlib import Path
 from slmforge.console import console, track
 from slmforge.export import card, gguf
 from slmforge.export.merge import load_merged, resolve_source, save_hf_folder
-from slmforge.artifacts import (EXPORT, EXPORTED_MODEL, GGUF, MODEL_CARD, MODELFILE, TABLE, TRAIN_STAGES, VERIFY, gguf_file,
-                                trained_model)
+from slmforge.artifacts import (EXPORT, EXPORTED_MODEL, GGUF, MERGED_MODEL, MODEL_CARD, MODELFILE, TABLE, TRAIN_STAGES, VERIFY,
+                                gguf_file, trained_model)
 from slmforge.run import StageContext, Stage, atomic_write_json, atomic_write_text, hash_obj, sha256_file
 
 
 class ExportStage(Stage):
     name = EXPORT
-    uses = (TABLE,) + tuple(trained_model(s) for s in TRAIN_STAGES)  # the model card pastes the eval table
+    uses = (TABLE,) + tuple(trained_model(s) for s in TRAIN_STAGES) + (MERGED_MODEL,)  # the model card pastes the eval table
     makes = (EXPORTED_MODEL, GGUF, MODELFILE, MODEL_CARD, VERIFY)
 
     def external_inputs(self, recipe, run):

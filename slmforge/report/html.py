@@ -14,6 +14,7 @@ from pathlib import Path
 
 from slmforge.artifacts import (CURATE, CURATE_REPORT, GENERATE, GENERATE_REPORT, INGEST, PREDICTIONS, REPORT, RESULTS, SFT, STAGES, TRAIN_STAGES,
                                 log_history, predictions_file)
+from slmforge.artifacts import MERGE_CANDIDATES
 from slmforge.report import plots
 from slmforge.run import atomic_write_text, read_jsonl
 
@@ -189,6 +190,46 @@ def _open_book_section(results: dict, models: list[str]) -> str:
             _table(["benchmark", "metric", "model", "closed book", "open book", "open − closed", "retrieval recall"], body))
 
 
+def _merge_section(doc: dict | None) -> str:
+    """The merge candidates (slmforge/merge): the table the stage wrote, the trade-off plot, and the choice."""
+    if not doc:
+        return ""
+    from slmforge.evaluate.lm_eval_tasks import SPECS  # not slmforge.merge: eval's code hash would then cover the merge stage
+
+    def headline(bench: str) -> str:
+        return SPECS[bench].metrics[0]
+
+    domain = doc["domain_benchmarks"]
+    body = []
+    for r in doc["candidates"] + ([doc["prune"]["row"]] if doc.get("prune") else []):
+        cells = [_td(r["name"] + (" (kept)" if r.get("chosen") else "")), _td(f"{r['domain_score']:.3f}", True),
+                 _td(f"{r['domain_gain']:+.3f}", True, "better" if r["domain_gain"] > 0 else "worse" if r["domain_gain"] < 0 else "")]
+        for b in domain:
+            v, p = r["scores"].get(b), r["paired"].get(b)
+            text = "–" if v is None else f"{v['value']:.3f}"
+            if p:
+                text += f" · Δ {p['diff']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] → {p['verdict']}"
+            cells.append(_td(text, True))
+        f = r["forgetting"]
+        cells += [_td("–" if f is None else f"{f:+.1%}", True, "" if r.get("within_limit") else "worse")]
+        body.append(cells)
+    html = ["<h2>Merge candidates</h2>",
+            f"<p><b>Kept: {escape(doc['chosen'])}</b>: {escape(doc['reason'])}.</p>",
+            "<p>Each candidate is scored on the same seeded sample of the frozen held-out benchmarks "
+            f"({escape(', '.join(f'{b} {n}' for b, n in doc['benchmarks'].items()))} items); domain score = mean of the "
+            "headline metrics; Δ = paired difference from the unmerged specialist [paired-bootstrap 95% CI]; forgetting = "
+            f"general-text perplexity vs the base (limit {doc['max_forgetting']:.0%}).</p>",
+            _table(["candidate", "domain score", "Δ vs specialist", *[f"{b} {headline(b)}" for b in domain], "forgetting"], body),
+            _img(plots.merge_tradeoff(doc), "domain gain vs forgetting")]
+    p = doc.get("prune")
+    if p:
+        html.append(f"<p>Pruned (MLP channels, importance on domain + general text): {p['params_before']:,} → "
+                    f"{p['params_after']:,} parameters ({p['params_after'] / p['params_before']:.1%}), intermediate_size "
+                    f"{p['intermediate_before']} → {p['intermediate_after']}, recovery {p.get('recovery_steps')} steps; "
+                    f"transformers tokens/s {p['tokens_per_s_unpruned']} → {p['tokens_per_s_pruned']}.</p>")
+    return "".join(html)
+
+
 def _questions_note(results: dict) -> str:
     """Your questions: how they were kept out of training, and how much of them the training files still contain."""
     q = results.get("benchmarks", {}).get("questions")
@@ -244,8 +285,10 @@ def _stage_files(run) -> tuple[dict, dict]:
 
 
 def render(run, results: dict | None = None, predictions: dict | None = None, samples: int = 4,
-           extra_timings: dict | None = None) -> str:
+           extra_timings: dict | None = None, merge: dict | None = None) -> str:
     manifests, histories = _stage_files(run)
+    if merge is None and run.has(MERGE_CANDIDATES):
+        merge = json.loads(run.path(MERGE_CANDIDATES).read_text())
     if results is None and run.has(RESULTS):
         results = json.loads(run.path(RESULTS).read_text())
     if predictions is None and results:
@@ -265,6 +308,7 @@ def render(run, results: dict | None = None, predictions: dict | None = None, sa
         f"<p class='muted'>written {time.strftime('%Y-%m-%d %H:%M:%S')} · {escape(str(run.root))}</p>",
         _funnel_section(manifests, run),
         _eval_section(results),
+        _merge_section(merge),
         "<h2>Training loss</h2>" + _img(plots.loss_curves(histories), "loss curves (no log_history.json yet)"),
         _samples_section(predictions or {}, models, samples),
         "<h2>Timings per stage</h2>" + _table(["stage", "seconds", "started"], timing_rows),
@@ -277,7 +321,7 @@ def render(run, results: dict | None = None, predictions: dict | None = None, sa
 
 
 def write_report(run, results: dict | None = None, predictions: dict | None = None, samples: int = 4,
-                 extra_timings: dict | None = None) -> Path:
+                 extra_timings: dict | None = None, merge: dict | None = None) -> Path:
     path = run.path(REPORT)
-    atomic_write_text(path, render(run, results, predictions, samples, extra_timings))
+    atomic_write_text(path, render(run, results, predictions, samples, extra_timings, merge))
     return path

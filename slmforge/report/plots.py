@@ -120,3 +120,31 @@ def funnel(steps: list[tuple[str, float]]) -> str | None:
     ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     return to_data_uri(fig)
+
+
+def merge_tradeoff(doc: dict) -> str | None:
+    """Merge candidates: forgetting (general-text perplexity vs base) on x, domain score gain over the unmerged
+    specialist on y; the forgetting limit as a dashed line, the kept candidate circled, a pruned model as a square."""
+    rows = [r for r in doc.get("candidates", []) if r.get("forgetting") is not None]
+    pruned = (doc.get("prune") or {}).get("row")
+    if pruned and pruned.get("forgetting") is not None:
+        rows = rows + [pruned]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in rows:
+        x, y = 100 * r["forgetting"], r["domain_gain"]
+        color = "#2ca02c" if r.get("within_limit") else "#d62728"
+        ax.scatter([x], [y], s=90 if r.get("chosen") else 30, marker="s" if r.get("pruned") else "o", color=color,
+                   edgecolors="black" if r.get("chosen") else "none", linewidths=1.5, zorder=3)
+        ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.axvline(100 * doc["max_forgetting"], ls="--", lw=1, color="black", label=f"max_forgetting {doc['max_forgetting']:.0%}")
+    ax.axhline(0, lw=0.8, color="#999")
+    ax.set_xlabel("forgetting: general-text perplexity vs base (%)", fontsize=8)
+    ax.set_ylabel("domain score − unmerged specialist", fontsize=8)
+    ax.set_title(f"merge candidates (kept: {doc['chosen']})", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return to_data_uri(fig)

@@ -280,7 +280,8 @@ def describe(engine) -> str:
 
 
 def serving_model(recipe: Recipe) -> str:
-    """serve.model 'auto': this run's exported model, else its last trained model, else the base model."""
+    """serve.model 'auto': this run's exported model, else its merged model (slmforge/merge), else its last trained model,
+    else the base model."""
     spec = recipe.serve.model
     if spec != "auto":
         return spec
@@ -290,6 +291,11 @@ def serving_model(recipe: Recipe) -> str:
     exported = run.path(EXPORTED_MODEL)
     if run.has(EXPORTED_MODEL) and (exported / "config.json").is_file():
         return str(exported)
+    from slmforge.merge import merged_model
+
+    merged = merged_model(run)
+    if merged is not None:
+        return str(merged)
     trained = run.trained_models()
     return str(list(trained.values())[-1]) if trained else recipe.base_model
 
