@@ -513,9 +513,11 @@ def parse_duration(value) -> float | None:
     """'20m', '1h30m', '900s', '1.5h', 900 -> seconds; None, 0, '', 'none', 'off' -> None (no budget)."""
     import re
 
+    if value is False:  # YAML reads a bare `off` / `no` as false: no budget, as the string "off" says
+        return None
     if value is None or isinstance(value, bool):
         if isinstance(value, bool):
-            raise ValueError("must be a duration like 20m, 1h30m, 900s or a number of seconds, not a boolean")
+            raise ValueError("must be a duration like 20m, 1h30m, 900s or a number of seconds, not true")
         return None
     if isinstance(value, (int, float)):
         if value < 0:

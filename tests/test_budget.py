@@ -48,7 +48,7 @@ def demo(tmp_path):
 # ---------------------------------------------------------------------------------------------- the recipe
 @pytest.mark.parametrize("value, seconds", [("20m", 1200), ("1h30m", 5400), ("900s", 900), (900, 900), ("90", 90),
                                             ("1.5h", 5400), ("20min", 1200), (0, None), ("0", None), (None, None),
-                                            ("off", None)])
+                                            ("off", None), (False, None)])  # `--set budget=off`: YAML reads false
 def test_budget_forms(value, seconds):
     assert parse_duration(value) == seconds
 
