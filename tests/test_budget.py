@@ -242,7 +242,7 @@ def test_a_budgeted_build_plans_records_and_skips_when_unchanged(tmp_path, monke
     assert record["budget_s"] == 60 and not record["probes_cached"] and record["probe_s"] > 0
     assert record["precision"]["choice"] in ("bf16", "fp32") and set(record["precision"]["step_s"]) >= {"fp32"}
     plan = record["plan"]
-    assert set(record["stages"]) == {"ingest", "curate", "dapt"}
+    assert set(record["stages"]) == {"ingest", "curate", "index", "dapt"}
     for stage, row in record["stages"].items():
         assert row["planned_s"] == plan["predicted"][stage] and row["actual_s"] >= 0 and not row["skipped"]
     dapt = json.loads((run / "dapt" / "manifest.json").read_text())
@@ -254,7 +254,7 @@ def test_a_budgeted_build_plans_records_and_skips_when_unchanged(tmp_path, monke
     again = CliRunner().invoke(app, ["build", str(recipe)])
     assert again.exit_code == 0, again.output
     second = json.loads((run / "budget.json").read_text())
-    assert again.output.count("unchanged since") == 3, (record, second)  # ingest, curate, dapt
+    assert again.output.count("unchanged since") == 4, (record, second)  # ingest, curate, index, dapt
     assert second["probes_cached"] and second["plan"]["settings"] == plan["settings"]
     assert second["facts"]["source"]["curate"] == "previous manifest"  # the first build's seconds, not the estimate
     # --budget 0 runs the recipe as written: 4 steps

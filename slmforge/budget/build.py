@@ -20,7 +20,7 @@ from slmforge.run import RunDir, atomic_write_json
 TRAIN = art.TRAIN_STAGES
 # first-build estimates of the stages the plan does not size, per MB of documents (this 2-core AMX Xeon, demo corpus);
 # replaced by the previous build's manifests once there are some
-PER_MB = {art.INGEST: (1.0, 2.0), art.CURATE: (5.0, 10.0), art.GENERATE: (5.0, 15.0)}
+PER_MB = {art.INGEST: (1.0, 2.0), art.CURATE: (5.0, 10.0), art.INDEX: (0.5, 1.0), art.GENERATE: (5.0, 15.0)}
 EXPORT_S, EXPORT_PER_GGUF_S = 15.0, 25.0
 
 
@@ -48,7 +48,7 @@ def fixed_costs(recipe, run: RunDir, fig: Figures) -> dict:
     benchmarks = ((run.manifest(art.EVAL) or {}).get("counts") or {}).get("benchmarks") or {}
     if benchmarks:  # how many questions the held-out documents gave last time (at most eval.doc_questions)
         facts["doc_questions"] = int(benchmarks.get("doc_questions", 0))
-    for stage in (art.INGEST, art.CURATE, art.GENERATE, art.EXPORT):
+    for stage in (art.INGEST, art.CURATE, art.INDEX, art.GENERATE, art.EXPORT):
         done = run.manifest(stage)
         if not done or done.get("adopted") or "seconds" not in done:
             continue
