@@ -90,7 +90,8 @@ def test_decontamination_catches_planted_overlaps(tmp_path):
     from slmforge.recipe import GenerateConfig
 
     heldout = page_chunks(HELDOUT_PAGES)
-    items, _ = make_items(heldout, ["mcq", "cloze", "qa"], GenerateConfig(), cache_dir=tmp_path / "c", seed=0)
+    # user_questions off: its several wordings of one fact share the answer, so planting one drops its siblings too
+    items, _ = make_items(heldout, ["mcq", "cloze", "qa"], GenerateConfig(user_questions=0), cache_dir=tmp_path / "c", seed=0)
     assert len(items) >= 20
     planted = [items[3], items[11], items[17]]
     # training artifacts in three shapes: Chunk rows, SFT messages, DPO pairs; each hides one item among real text

@@ -250,7 +250,7 @@ def test_recipe_is_the_init_starter_with_training_enabled(tmp_path):
     assert text.startswith(STARTER.format(name="real-debian", documents=corpus))  # what `slmforge init` writes
     recipe = load_recipe(recipe_path, overrides=list(rq.BUILD_OVERRIDES))
     assert recipe.preset == "demo" and recipe.documents == corpus
-    assert recipe.enabled_stages() == ["ingest", "curate", "generate", "dapt", "sft", "dpo"]
+    assert recipe.enabled_stages() == ["ingest", "curate", "index", "generate", "dapt", "sft", "dpo"]
 
 
 def test_compare_pairs_items_and_reports_the_result_keys():

@@ -28,13 +28,30 @@ class DpoStage(FineTuneStage):
         cfg = ctx.recipe.dpo
         rows = [r.model_dump(mode="json", exclude_unset=True) for r in ctx.read(DPO_ROWS)]
         good = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows if valid_pair(r)]
+        good, too_long = fitting_pairs(good, ctx.recipe.base_model, cfg.max_length)
         if not good:
             raise ValueError(f"{ctx.run.path(DPO_ROWS)}: no usable preference pairs (rows need conversational 'prompt', "
                              "'chosen', 'rejected')")
         # Only the pairs the step budget reaches: precomputing reference log-probs for unused pairs is wasted time.
         needed = min(cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.processes, len(good))
         self.train_rows(ctx, random.Random(ctx.recipe.seed).sample(good, needed),
-                      {"pairs": len(good), "pairs_used": needed, "skipped_rows": len(rows) - len(good)})
+                      {"pairs": len(good), "pairs_used": needed, "skipped_rows": len(rows) - len(good) - too_long,
+                       "skipped_too_long": too_long})
+
+
+def fitting_pairs(pairs: list[dict], tokenizer_spec: str, max_length: int, room: int = 8) -> tuple[list[dict], int]:
+    """The pairs whose prompt + longer answer fit max_length tokens (with `room` for the chat template's markers), and
+    how many did not: TRL truncates the others until a completion can be empty, which fails the loss (RAFT prompts
+    hold whole passages)."""
+    from slmforge.models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_spec)
+
+    def n(turns: list[dict]) -> int:
+        return sum(len(tok(t["content"], add_special_tokens=False)["input_ids"]) + 4 for t in turns)
+
+    kept = [p for p in pairs if n(p["prompt"]) + max(n(p["chosen"]), n(p["rejected"])) + room <= max_length]
+    return kept, len(pairs) - len(kept)
 
 
 def make_trainer(model, tok, dataset, kwargs: dict, cfg: DpoConfig):
