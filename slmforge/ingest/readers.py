@@ -386,15 +386,26 @@ def _run_tool(argv: list[str], what: str, timeout: float = 60, **kw) -> bytes:
 
     if shutil.which(argv[0]) is None:
         raise ReadError(f"{what} reader unavailable", f"needs `{argv[0]}` on PATH")
+    import os
+    import signal
+
+    data = kw.pop("input", None)
+    # its own process group: groff runs troff and grotty as children, and a timeout must end all of them (killing
+    # groff alone left troff looping at full CPU)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True, **kw)
     try:
-        if "input" not in kw:
-            kw["stdin"] = subprocess.DEVNULL
-        done = subprocess.run(argv, capture_output=True, timeout=timeout, **kw)
+        out, err = proc.communicate(data, timeout=timeout)
     except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
         raise ReadError(f"corrupt {what}", f"{argv[0]} took over {timeout:g} s") from None
-    if done.returncode != 0:
-        raise ReadError(f"corrupt {what}", f"{argv[0]} exited {done.returncode}: {done.stderr.decode(errors='replace')[:200]}")
-    return done.stdout
+    if proc.returncode != 0:
+        raise ReadError(f"corrupt {what}", f"{argv[0]} exited {proc.returncode}: {err.decode(errors='replace')[:200]}")
+    return out
 
 
 def read_pod(data: bytes, path: Path, fallback: bool):
