@@ -320,6 +320,7 @@ def compare(rows: list[dict], base: list[dict], spec: list[dict]) -> dict:
 
 def open_book_contexts(run_dir: Path, rows: list[dict], questions) -> tuple[list[str], dict]:
     """Top-k passages of the run's index per question (k = the recipe's index.k, as serving uses), and retrieval facts."""
+    from slmforge.artifacts import GENERATE_REPORT, INDEX
     from slmforge.evaluate.questions import content_words
     from slmforge.index import open_index
     from slmforge.index.bm25 import context_of
@@ -330,7 +331,7 @@ def open_book_contexts(run_dir: Path, rows: list[dict], questions) -> tuple[list
         index = open_index(run, deployed=True)
     except FileNotFoundError as err:
         sys.exit(f"{run_dir}: no retrieval index ({err}); build with the index stage enabled")
-    k = json.loads((run_dir / "index" / "manifest.json").read_text()).get("config", {}).get("stage", {}).get("k", 2)
+    k = (run.manifest(INDEX) or {}).get("config", {}).get("stage", {}).get("k", 2)
     answers = {q.id: q.answer for q in questions}
     hits = index.search_many([r["question"] for r in rows], k)
     coverage = []
@@ -338,8 +339,7 @@ def open_book_contexts(run_dir: Path, rows: list[dict], questions) -> tuple[list
         gold = content_words(answers[row["id"]])
         seen = set().union(*(content_words(x.passage.text) for x in h)) if h else set()
         coverage.append(len(gold & seen) / len(gold) if gold else 0.0)
-    report = run_dir / "generate" / "report.json"
-    recall = json.loads(report.read_text()).get("retrieval", {}) if report.is_file() else {}
+    recall = run.read(GENERATE_REPORT).get("retrieval", {}) if run.has(GENERATE_REPORT) else {}
     return [context_of(h) for h in hits], {"open_book_k": k, "answer_coverage": sum(coverage) / len(coverage),
                                            "no_passage": sum(not h for h in hits), "generated_recall": recall}
 

@@ -84,7 +84,7 @@ class EvalStage(Stage):
         frozen = self._benchmarks(ctx, chunks)
         data_files, meta = self._freeze(ctx, frozen, documents)
         questions = freeze_questions(ctx, meta, documents)
-        if cfg.open_book and BM25_ALL in self.uses_for(recipe) and run.has(BM25_ALL):
+        if BM25_ALL in self.uses_for(recipe) and run.has(BM25_ALL):
             freeze_open_book(ctx, data_files, meta, questions)
         built_s = time.time() - started
 
@@ -278,11 +278,12 @@ def freeze_open_book(ctx: StageContext, data_files: dict, meta: dict, questions:
     """`<bench>_open` beside each question benchmark: the same items, each with `passages`, the top index.k passages of
     the deployed index (training + held-out documents: a deployed specialist's index holds every document, though the
     model never trained on the held-out ones). Their meta records recall@k of the item's source chunk where known."""
-    from slmforge.index.bm25 import Bm25Index, context_of
+    from slmforge.index import open_index
+    from slmforge.index.bm25 import context_of, recall_from_hits
     from slmforge.run import read_jsonl
 
     k = ctx.recipe.index.k
-    index = Bm25Index.load(ctx.input(BM25_ALL), [*ctx.read(PASSAGES), *ctx.read(HELDOUT_PASSAGES)])
+    index = open_index(ctx, deployed=True)
     sources = {**{b: read_jsonl(p) for b, p in data_files.items() if b in OPEN_BOOK}, **questions}
     for bench, rows_ in sources.items():
         if bench not in OPEN_BOOK or not rows_:
@@ -292,8 +293,7 @@ def freeze_open_book(ctx: StageContext, data_files: dict, meta: dict, questions:
         name = OPEN_BOOK[bench]
         recall = None
         if all(r.get("chunk_id") for r in rows_):  # items built from a held-out chunk: was that chunk found?
-            recall = {str(n): round(sum(any(x.passage.chunk_id == r["chunk_id"] for x in h[:n]) for r, h in zip(rows_, hits))
-                                    / len(rows_), 4) for n in (1, k, 5)}
+            recall = recall_from_hits(hits, [r["chunk_id"] for r in rows_], (1, k, 5))
         info = {"description": SPECS[name].description, "k": k, "retrieval_recall": recall,
                 "no_passage": sum(not h for h in hits),
                 "built": f"the {bench} items, each after the top {k} passages BM25 finds for its question in the "

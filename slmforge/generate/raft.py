@@ -7,7 +7,7 @@ the item's question, as serving will ask it. The prompt holds `k` passages:
     is the item's answer followed by the source's citation "[document § section]";
   - otherwise k distractors only: the answer says the passages do not cover it, then answers from memory (RAFT's
     share without the oracle document, so the model keeps its closed-book knowledge and says when retrieval missed).
-The same prompt layout is used everywhere a model reads passages (slmforge.index.bm25.format_passages):
+The same prompt layout is used everywhere a model reads passages (slmforge.index.bm25.passages_prompt):
     Passages:
     [1] [source § section] text
     [2] ...
@@ -23,17 +23,10 @@ from __future__ import annotations
 import random
 
 from slmforge.evaluate.questions import content_words
-from slmforge.index.bm25 import Bm25Index, format_passages
+from slmforge.index.bm25 import Bm25Index, passages_prompt, recall_from_hits
 from slmforge.records import Item, Passage
 
 NO_SOURCE = "The passages above do not answer this; from the documentation: "
-QUESTION = "Question: "
-
-
-def raft_prompt(question: str, passages: list[Passage]) -> str:
-    """The user turn: the passages, a blank line, then the question (serving builds the same)."""
-    context = format_passages(passages)
-    return f"{context}\n\n{QUESTION}{question}" if context else f"{QUESTION}{question}"
 
 
 def source_passage(item: Item, candidates: list[Passage]) -> Passage | None:
@@ -61,10 +54,7 @@ def raft_data(items: list[Item], index: Bm25Index, k: int = 2, p_source: float =
     top = max(max(recall_ks), k + 4)
     results = index.search_many([it.prompt for it in questions], top)
     sft, pretrain, dpo = [], [], []
-    found = {kk: 0 for kk in recall_ks}
     for item, hits in zip(questions, results):
-        for kk in recall_ks:
-            found[kk] += any(h.passage.chunk_id == item.chunk_id for h in hits[:kk])
         source = source_passage(item, by_chunk.get(item.chunk_id, []))
         if source is None:
             continue
@@ -74,7 +64,7 @@ def raft_data(items: list[Item], index: Bm25Index, k: int = 2, p_source: float =
         if rng.random() < p_source or not distractors:
             shown = distractors[: k - 1] + [source]
             rng.shuffle(shown)
-            prompt, answer = raft_prompt(item.prompt, shown), f"{item.answer} {source.citation}"
+            prompt, answer = passages_prompt(item.prompt, shown), f"{item.answer} {source.citation}"
             pretrain.append({"text": f"{prompt}\nAnswer: {answer}", "kind": "raft", **meta})
             if distractors:
                 wrong = distractors[0]
@@ -83,10 +73,9 @@ def raft_data(items: list[Item], index: Bm25Index, k: int = 2, p_source: float =
                             "rejected": [{"role": "assistant", "content": f"{_first_sentence(wrong.text)} {wrong.citation}"}],
                             **meta})
         else:
-            prompt, answer = raft_prompt(item.prompt, distractors[:k]), NO_SOURCE + item.answer
+            prompt, answer = passages_prompt(item.prompt, distractors[:k]), NO_SOURCE + item.answer
         sft.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
                     "kind": "raft", **meta})
-    n = len(questions)
-    stats = {"questions": n, "raft_rows": len(sft), "with_source": len(pretrain),
-             "recall@k": {str(kk): round(found[kk] / n, 4) if n else None for kk in recall_ks}}
+    stats = {"questions": len(questions), "raft_rows": len(sft), "with_source": len(pretrain),
+             "recall@k": recall_from_hits(results, [it.chunk_id for it in questions], recall_ks)}
     return sft, pretrain, dpo, stats

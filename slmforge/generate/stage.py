@@ -90,11 +90,11 @@ class GenerateStage(Stage):
         rejected += question_rejects
         sft, dpo = sft_rows(items), dpo_rows(items)
         retrieval = None
-        if cfg.raft.enabled and ctx.run.has(BM25_TRAIN) and BM25_TRAIN in self.uses_for(recipe):
+        if BM25_TRAIN in self.uses_for(recipe) and ctx.run.has(BM25_TRAIN):
             from slmforge.generate.raft import raft_data
-            from slmforge.index.bm25 import Bm25Index
+            from slmforge.index import open_index
 
-            index = Bm25Index.load(ctx.input(BM25_TRAIN), ctx.read(PASSAGES))
+            index = open_index(ctx, deployed=False)
             raft_sft, raft_pretrain, raft_dpo, retrieval = raft_data(items, index, recipe.index.k, cfg.raft.p_source, recipe.seed)
             kept = [r for r in raft_pretrain if not check.overlaps_avoid(r["text"])]  # passages of other chunks ride along
             sft += raft_sft if cfg.raft.sft else []

@@ -7,9 +7,11 @@ passages (serving, open-book evaluation), else the training passages only (RAFT 
 from __future__ import annotations
 
 
-def open_index(run, deployed: bool = True):
+def open_index(source, deployed: bool = True):
+    """`source`: a RunDir, or a stage's StageContext (whose reads are checked against what the stage declares)."""
     from slmforge.artifacts import BM25_ALL, BM25_TRAIN, HELDOUT_PASSAGES, PASSAGES
     from slmforge.index.bm25 import Bm25Index
 
-    passages = list(run.read(PASSAGES)) + (list(run.read(HELDOUT_PASSAGES)) if deployed else [])
-    return Bm25Index.load(run.require(BM25_ALL if deployed else BM25_TRAIN), passages)
+    locate = source.input if hasattr(source, "input") else source.require
+    passages = list(source.read(PASSAGES)) + (list(source.read(HELDOUT_PASSAGES)) if deployed else [])
+    return Bm25Index.load(locate(BM25_ALL if deployed else BM25_TRAIN), passages)

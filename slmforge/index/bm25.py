@@ -173,17 +173,20 @@ class Bm25Index:
         return self.search_many([query], k)[0]
 
 
+def recall_from_hits(results: Sequence[Sequence[Hit]], sources: Sequence[str], ks: Sequence[int]) -> dict[str, float | None]:
+    """{k: share} of queries whose source chunk (`sources[i]`, a chunk id) has a passage among their first k hits;
+    None for every k when there are no queries."""
+    n = len(sources)
+    return {str(k): round(sum(any(h.passage.chunk_id == chunk for h in hits[:k]) for hits, chunk in zip(results, sources)) / n, 4)
+            if n else None for k in ks}
+
+
 def recall_at_k(index: Bm25Index, pairs: Sequence[tuple[str, str]], ks: Sequence[int] = (1, 2, 5, 10)) -> dict:
     """{"n", "recall@k": {k: share}} of (query, source chunk id) pairs whose source chunk has a passage in the top k."""
     if not pairs:
         return {"n": 0, "recall@k": {}}
-    top = max(ks)
-    results = index.search_many([q for q, _ in pairs], top)
-    recall = {}
-    for k in ks:
-        found = sum(any(h.passage.chunk_id == chunk for h in hits[:k]) for hits, (_, chunk) in zip(results, pairs))
-        recall[str(k)] = round(found / len(pairs), 4)
-    return {"n": len(pairs), "recall@k": recall}
+    results = index.search_many([q for q, _ in pairs], max(ks))
+    return {"n": len(pairs), "recall@k": recall_from_hits(results, [chunk for _, chunk in pairs], ks)}
 
 
 def format_passages(passages: Sequence[Passage], max_words: int | None = None) -> str:
@@ -206,6 +209,13 @@ def format_passages(passages: Sequence[Passage], max_words: int | None = None) -
             budget -= len(words)
         parts.append(f"[{i}] {p.citation} {text}")
     return "Passages:\n" + "\n".join(parts) if parts else ""
+
+
+def passages_prompt(question: str, passages: Sequence[Passage], max_words: int | None = None) -> str:
+    """The prompt a model reads passages in (RAFT training rows, serving): format_passages, a blank line, then
+    `Question: {question}`; with no passages, the question as it is."""
+    context = format_passages(passages, max_words)
+    return f"{context}\n\nQuestion: {question}" if context else question
 
 
 def context_of(hits: Sequence[Hit], max_words: int | None = None) -> str:

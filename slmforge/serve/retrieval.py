@@ -16,16 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from slmforge.index.bm25 import context_of
-
-QUESTION = "Question: {question}"
-
+from slmforge.index.bm25 import context_of, passages_prompt
 
 def retrieval_prompt(question: str, hits: Sequence, max_words: int | None = None) -> str:
-    """The passages block (`context_of`), a blank line, then `Question: {question}`; with no passages, the question as
-    it is (the closed-book prompt)."""
-    context = context_of(hits, max_words)
-    return f"{context}\n\n{QUESTION.format(question=question)}" if context else question
+    """The passages block, a blank line, then `Question: {question}` (`slmforge.index.bm25.passages_prompt`, which RAFT
+    training rows use too); with no passages, the question as it is (the closed-book prompt)."""
+    return passages_prompt(question, [h.passage for h in hits], max_words)
 
 
 def shown(hits: Sequence, prompt: str) -> list:
