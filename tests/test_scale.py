@@ -48,7 +48,7 @@ def _curate(tmp: Path, *overrides: str) -> dict[str, bytes]:
 
 def _local_output() -> dict[str, bytes]:
     """The local executor's curate output of the demo (conftest's once-per-session build, 1 task; the output does not
-    depend on the task count: 2 tasks on the local executor give the same bytes)."""
+    depend on the task count: test_curate_output_does_not_depend_on_the_task_count)."""
     out = demo_curate()
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"}
 
@@ -59,11 +59,15 @@ def _assert_same(local: dict[str, bytes], other: dict[str, bytes]) -> None:
     assert not differ, f"differs from the local executor's output: {differ}"
 
 
+def test_curate_output_does_not_depend_on_the_task_count(tmp_path):
+    """2 local tasks keep exactly what 1 task keeps: the demo has a 3-chunk near-duplicate cluster (CREATE TABLE's,
+    UPDATE's and DELETE's parameter lists) whose surviving copy once depended on how chunks were sharded to tasks,
+    which is why Slurm and Ray differed from local."""
+    _assert_same(_local_output(), _curate(tmp_path, "curate.executor=local", "curate.tasks=2", "curate.workers=1"))
+
+
 # ------------------------------------------------------------------------------------------------------------ Slurm
 @needs_slurm
-@pytest.mark.xfail(strict=False, reason="since the relative curation bounds (curate/relative.py) were merged, Slurm's "
-                   "curate output differs from local in the near-duplicate step and the split; byte-identical before "
-                   "that merge; open")
 def test_curate_on_slurm_is_byte_identical_to_local(tmp_path):
     local = _local_output()
     with SlurmCluster(tmp_path / "slurm") as slurm:
@@ -141,8 +145,6 @@ def test_training_stage_submitted_with_sbatch_runs_accelerate_launch(tmp_path, t
 
 # ------------------------------------------------------------------------------------------------------------ Ray
 @needs_ray
-@pytest.mark.xfail(strict=False, reason="as the Slurm test: since the relative curation bounds were merged, a multi-task "
-                   "curate differs from the local one; open")
 def test_curate_on_a_two_node_ray_cluster_is_byte_identical_to_local(tmp_path):
     local = _local_output()
     with RayCluster(tmp_path / "ray") as cluster:

@@ -17,7 +17,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from slmforge.artifacts import CHUNKS, CURATE, CURATE_REMOVED, CURATE_REPORT, DOCUMENTS, HELDOUT_CHUNKS, HELDOUT_DOCUMENTS, TRAIN_CHUNKS
@@ -145,14 +145,16 @@ def build_pipeline(cfg, seed: int, chunks: list[Chunk], heldout: set[str], work:
     if bounds is None and cfg.quality.enabled:
         bounds = corpus_bounds([c.text for c in chunks], cfg.quality, seed=seed)
 
-    # Shard the input so `tasks` workers have files to share (datatrove readers split by file).
+    # Shard the input so `tasks` workers have files to share (datatrove readers split by file). The shards are
+    # contiguous runs of the corpus order, so (file, line) order is corpus order whatever the task count: datatrove's
+    # dedup keeps the first member of a duplicate cluster in that order (MinhashDedupCluster unions by size, ties to
+    # the earlier signature), so 1 task, 2 tasks, Ray and Slurm keep the same chunks. Hash-sharding by document made
+    # which copy survives depend on the task count.
     shard_dir = work / "input"
     if not (shard_dir / "DONE").exists():
-        shards = defaultdict(list)
-        for c in chunks:
-            shards[int(c.doc_id, 16) % tasks].append(c.model_dump())
         for i in range(tasks):
-            atomic_write_jsonl(shard_dir / f"{i:05d}.jsonl", shards.get(i, []))
+            part = chunks[i * len(chunks) // tasks:(i + 1) * len(chunks) // tasks]
+            atomic_write_jsonl(shard_dir / f"{i:05d}.jsonl", [c.model_dump() for c in part])
         (shard_dir / "DONE").write_text("ok")
 
     def reader(folder: Path):
