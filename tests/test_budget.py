@@ -197,6 +197,9 @@ def test_probes_measure_the_model_and_are_cached_per_machine_and_model(tmp_path,
     from slmforge.models import model_identity
 
     monkeypatch.setenv("SLMFORGE_CACHE", str(tmp_path / "cache"))
+    load = [3.0]  # the 1-minute load average the probes see: busy (over the cores of a 2-core machine)
+    monkeypatch.setattr(probes.os, "getloadavg", lambda: (load[0], load[0], load[0]))
+    monkeypatch.setattr(probes, "machine", lambda: {"cpu": "test cpu", "cores": 2, "torch_threads": 2, "torch": "x"})
     recipe = build_recipe({"name": "t", "documents": str(corpus), "run_dir": str(tmp_path / "runs"), "budget": "5m",
                            "base_model": str(tiny_model), "dapt": TINY_TRAIN})
     fig = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None)
@@ -215,6 +218,13 @@ def test_probes_measure_the_model_and_are_cached_per_machine_and_model(tmp_path,
     monkeypatch.setattr(probes, "measure_training", measure)
     again = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None)
     assert again.cached and again.model_dump(exclude={"cached"}) == fig.model_dump(exclude={"cached"})
+    assert fig.load == 3.0
+    load[0] = 1.5  # a little quieter: the busy figures stand (noise must not re-probe every build)
+    assert probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None).cached
+    load[0] = 0.3  # quiet now: figures timed on a busy machine are measured again
+    with pytest.raises(Measured):
+        probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None)
+    load[0] = 3.0
     other_machine = {**probes.machine(), "cpu": "another cpu"}
     monkeypatch.setattr(probes, "machine", lambda: other_machine)
     with pytest.raises(Measured):  # another machine's figures are not this one's: it measures afresh

@@ -224,6 +224,13 @@ def faster_precision(train: dict[str, StepFigures], tokens: int, margin: float =
     return "bf16" if "fp32" not in cost or cost["bf16"] < (1 - margin) * cost["fp32"] else "fp32"
 
 
+def measured_busier(cached_load: float, load: float, cores: int) -> bool:
+    """Whether cached probes were timed on a machine much busier than it is now (then they are measured again): other
+    processes on a 2-core machine halve the step speed the probes see, and a plan sized on that spends half its budget.
+    Busy = 1-minute load above the core count; much busier = at least double today's load plus one."""
+    return cached_load > cores and cached_load >= 2 * load + 1
+
+
 def _cache_file(key: dict) -> Path:
     return cache_root() / "probes" / f"{hash_obj(key)[:24]}.json"
 
@@ -236,14 +243,18 @@ def figures(recipe, model_path: str, model_id: str, teacher_path: str | None, te
     key = {"version": PROBE_VERSION, "machine": machine(), "model": model_id, "teacher": teacher_id or "", "sizes": sizes,
            "generation": generation}
     path = _cache_file(key)
+    say = progress or (lambda msg: None)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if path.is_file():
         try:
-            return Figures.model_validate_json(path.read_text()).model_copy(update={"cached": True})
+            cached = Figures.model_validate_json(path.read_text())
         except ValueError:
-            pass  # a cache file from an interrupted write or older code: measure again
-    say = progress or (lambda msg: None)
+            cached = None  # a cache file from an interrupted write or older code: measure again
+        if cached is not None and not measured_busier(cached.load, load, key["machine"]["cores"]):
+            return cached.model_copy(update={"cached": True})
+        if cached is not None:
+            say(f"the cached probes were measured on a busy machine (load {cached.load:.1f}, now {load:.1f}): measuring again")
     started = time.perf_counter()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > key["machine"]["cores"]:
         say(f"[yellow]the machine is busy (load {load:.1f} on {key['machine']['cores']} cores): the probes measure that, "
             f"and are cached; delete {path} to measure again when it is quiet[/yellow]")
