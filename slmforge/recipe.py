@@ -278,6 +278,8 @@ class SftConfig(TrainSection):
     assistant_only_loss: bool = Field(True, description="loss on assistant tokens only")
     max_per_kind: int = Field(0, ge=0, description="at most this many conversations per item kind (0 = all), so short-answer "
                               "drills (cloze, mcq) do not drown the open answers (qa, summary)")
+    kind_caps: dict[str, int] = Field(default_factory=dict, description="per-kind caps that replace max_per_kind for "
+                                      "those kinds, e.g. {raft: 0} keeps every retrieval-reading row (0 = all)")
 
 
 class DpoConfig(TrainSection):

@@ -45,15 +45,20 @@ def valid_conversation(row) -> bool:
             and any(m["role"] == "assistant" and m["content"].strip() for m in msgs))
 
 
-def balance_kinds(rows: list[dict], max_per_kind: int, seed: int = 0) -> list[dict]:
-    """At most `max_per_kind` rows of each "kind", a seeded sample spread over the file (file order kept); 0 keeps all."""
-    if not max_per_kind:
+def balance_kinds(rows: list[dict], max_per_kind: int, seed: int = 0, caps: dict[str, int] | None = None) -> list[dict]:
+    """At most `max_per_kind` rows of each "kind" (`caps[kind]` instead where given), a seeded sample spread over the
+    file (file order kept); a cap of 0 keeps all of that kind."""
+    caps = caps or {}
+    if not max_per_kind and not any(caps.values()):
         return rows
     by_kind: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         by_kind.setdefault(r.get("kind", ""), []).append(i)
     rng = random.Random(seed)
-    keep = {i for idx in by_kind.values() for i in (rng.sample(idx, max_per_kind) if len(idx) > max_per_kind else idx)}
+    keep = set()
+    for kind, idx in by_kind.items():
+        cap = caps.get(kind, max_per_kind)
+        keep.update(rng.sample(idx, cap) if cap and len(idx) > cap else idx)
     return [r for i, r in enumerate(rows) if i in keep]
 
 
@@ -64,7 +69,8 @@ class SftStage(FineTuneStage):
     def run(self, ctx: StageContext) -> None:
         rows = [r.model_dump(mode="json", exclude_unset=True) for r in ctx.read(SFT_ROWS)]
         good = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
-                for r in balance_kinds([r for r in rows if valid_conversation(r)], ctx.recipe.sft.max_per_kind, ctx.recipe.seed)]
+                for r in balance_kinds([r for r in rows if valid_conversation(r)], ctx.recipe.sft.max_per_kind, ctx.recipe.seed,
+                                      ctx.recipe.sft.kind_caps)]
         if not good:
             raise ValueError(f"{ctx.run.path(SFT_ROWS)}: no usable conversations (rows need 'messages': [{{role, content}}, ...] "
                              "with an assistant reply)")
