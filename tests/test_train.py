@@ -448,3 +448,12 @@ def test_fsdp2_two_processes_match_one_process_resume_and_export_full_weights(tm
     resume_diff = max((w2[k] - w3[k]).abs().max().item() for k in w2)
     print(f"FSDP2 resumed from step 2 vs uninterrupted: max weight diff {resume_diff:.2e}")
     assert resume_diff < 1e-5
+
+
+def test_sft_kind_caps_replace_the_shared_cap_per_kind():
+    rows = [{"kind": k, "i": i} for k in ("cloze", "raft", "qa") for i in range(10)]
+    kept = sft.balance_kinds(rows, 3, seed=0, caps={"raft": 0, "qa": 5})
+    count = {k: sum(r["kind"] == k for r in kept) for k in ("cloze", "raft", "qa")}
+    assert count == {"cloze": 3, "raft": 10, "qa": 5}
+    assert kept == [r for r in rows if r in kept]  # file order kept
+    assert sft.balance_kinds(rows, 0) == rows and len(sft.balance_kinds(rows, 0, caps={"qa": 2})) == 22
