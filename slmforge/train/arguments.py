@@ -46,6 +46,33 @@ def trainer_kwargs(cfg: TrainSection, output_dir: Path, seed: int) -> dict:
     )
 
 
+def accelerate_settings(cfg: TrainSection):
+    """The accelerate config file the recipe names, read by accelerate's own loader (None when the recipe names none)."""
+    if cfg.accelerate_config is None:
+        return None
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    return load_config_from_file(str(cfg.accelerate_config))
+
+
+def world_size(cfg: TrainSection) -> int:
+    """How many processes train together: `processes`, or the `num_processes` (all machines) of the accelerate config,
+    which `accelerate launch --config_file` uses whatever `processes` says. The stages size their data to the global
+    batch (max_steps x batch_size x grad_accum x this): counted short, the run repeats its data from the first epoch's
+    end, and its loss curve leaves the one of a single process on the same global batch."""
+    settings = accelerate_settings(cfg)
+    if settings is None:
+        return cfg.processes
+    n = getattr(settings, "num_processes", None)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"{cfg.accelerate_config}: num_processes is not set; name it (all machines together), the "
+                         "training data is sized to the global batch")
+    if cfg.processes not in (1, n):
+        raise ValueError(f"processes: {cfg.processes} but {cfg.accelerate_config} has num_processes: {n} (the one "
+                         "`accelerate launch` uses); set one of them")
+    return n
+
+
 def triton_lm_head() -> bool:
     """Whether TRL's chunked log-prob LM head runs as its Triton kernel (CUDA with Triton), not as torch fallbacks."""
     import torch

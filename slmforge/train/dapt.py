@@ -14,6 +14,7 @@ from slmforge.artifacts import DAPT, PRETRAIN_ROWS, TRAIN_CHUNKS
 from slmforge.models import cache_root, model_identity
 from slmforge.run import StageContext, atomic_write_jsonl, hash_obj, sha256_file
 from slmforge.train import mixture
+from slmforge.train.arguments import world_size
 from slmforge.train.stage import TrainingStage, summary_rows
 
 
@@ -52,7 +53,7 @@ class DaptStage(TrainingStage):
                     max_new_tokens=cfg.replay_max_new_tokens, temperature=cfg.replay_temperature, seed=seed)
                 counts["general_source"] = "self-synthesized"
             counts["general_texts"] = len(general)
-        n_blocks = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.processes
+        n_blocks = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world_size(cfg)
         targets = mixture.plan(n_blocks, cfg.domain_ratio, cfg.upsample_last, cfg.upsample_ratio)
         blocks, mix_counts = mixture.mix(mixture.pack(domain, tok, cfg.max_length),
                                          mixture.pack(general, tok, cfg.max_length) if general else [], targets, seed)

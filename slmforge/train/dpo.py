@@ -7,6 +7,7 @@ import random
 from slmforge.artifacts import DPO, DPO_ROWS
 from slmforge.recipe import DpoConfig
 from slmforge.run import StageContext
+from slmforge.train.arguments import world_size
 from slmforge.train.stage import FineTuneStage
 
 
@@ -33,7 +34,7 @@ class DpoStage(FineTuneStage):
             raise ValueError(f"{ctx.run.path(DPO_ROWS)}: no usable preference pairs (rows need conversational 'prompt', "
                              "'chosen', 'rejected')")
         # Only the pairs the step budget reaches: precomputing reference log-probs for unused pairs is wasted time.
-        needed = min(cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.processes, len(good))
+        needed = min(cfg.max_steps * cfg.batch_size * cfg.grad_accum * world_size(cfg), len(good))
         self.train_rows(ctx, random.Random(ctx.recipe.seed).sample(good, needed),
                       {"pairs": len(good), "pairs_used": needed, "skipped_rows": len(rows) - len(good) - too_long,
                        "skipped_too_long": too_long})

@@ -17,7 +17,7 @@ from slmforge.artifacts import DAPT, DPO, SFT, adapter, log_history, tensorboard
 from slmforge.models import device_defaults
 from slmforge.recipe import DaptConfig, DpoConfig, SftConfig, TrainSection
 from slmforge.run import atomic_write_json
-from slmforge.train.arguments import trainer_kwargs
+from slmforge.train.arguments import accelerate_settings, trainer_kwargs, world_size
 from slmforge.train.checkpoints import last_checkpoint
 from slmforge.train.loading import load_model_and_tokenizer
 from slmforge.train.progress import progress_callback
@@ -45,6 +45,10 @@ def run_job(job: dict) -> dict:
     trainer = _trainer_factory(job["kind"])(model, tok, dataset, trainer_kwargs(cfg, output_dir, job["seed"]), cfg)
     trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout; the progress callback prints a tidy line instead
     trainer.add_callback(progress_callback(f"{job['kind']} steps"))
+    distributed = distributed_kind(trainer.accelerator)
+    requested = _requested_kind(cfg)
+    if requested and not distributed.startswith(requested) and trainer.is_world_process_zero():
+        _warn_not_sharded(cfg, requested, distributed, trainer.accelerator.device.type)
     # FSDP and DeepSpeed shard the weights over the ranks: the full model is gathered by every rank together below
     sharded = bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
     if sharded and cfg.method == "lora":
@@ -72,6 +76,7 @@ def run_job(job: dict) -> dict:
             "train_seconds": round(seconds, 1),
             "tokens_per_s": round(session_tokens / seconds, 1) if seconds > 0 else None,
             "processes": int(os.environ.get("WORLD_SIZE", "1")),
+            "distributed": distributed,  # what ran, read back from accelerate: none, ddp, fsdp2, fsdp1, deepspeed
             "method": cfg.method,
             "device": device_defaults()["device"],
             "bf16_autocast": bool(trainer.args.bf16),
@@ -79,6 +84,40 @@ def run_job(job: dict) -> dict:
         atomic_write_json(output_dir / "result.json", summary)
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+def distributed_kind(accelerator) -> str:
+    """What the Trainer's accelerator runs: none (1 process), ddp, fsdp2 / fsdp1, deepspeed (or accelerate's own name
+    for anything else). Read back from accelerate, not taken from the config: accelerate 1.15 applies FSDP and
+    DeepSpeed only on GPU-like devices (accelerate/state.py, AcceleratorState.__init__: DEEPSPEED needs `not cpu`, FSDP
+    is set only for the MULTI_GPU/NPU/XPU/... types, and CPU processes are MULTI_CPU), so on CPU those configs run DDP."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return f"fsdp{accelerator.state.fsdp_plugin.fsdp_version}"
+    if kind == DistributedType.NO:
+        return "none"
+    return "ddp" if kind.value.startswith("MULTI_") else kind.value.lower()
+
+
+def _requested_kind(cfg) -> str | None:
+    """'fsdp' or 'deepspeed' when the recipe's accelerate config asks for one of them."""
+    settings = accelerate_settings(cfg)
+    kind = getattr(getattr(settings, "distributed_type", None), "value", None)
+    return {"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(kind)
+
+
+def _warn_not_sharded(cfg, requested: str, distributed: str, device: str) -> None:
+    """A warning, not an error: the run is still correct data-parallel training (the same model as 1 process on the
+    same global batch, tests/test_train.py), and running a GPU config on a CPU machine is a useful smoke test; what
+    is missing is the sharding, so every process holds the whole model, gradients and optimizer state."""
+    from slmforge.console import console
+
+    console.print(f"  [yellow]warning:[/yellow] {cfg.accelerate_config} asks for {requested.upper()}, but accelerate "
+                  f"runs {distributed.upper()} on {device.upper()} here (it applies FSDP and DeepSpeed only on GPUs). "
+                  "Nothing is sharded: every process holds the whole model, its gradients and optimizer state; the "
+                  f"manifest records distributed: {distributed}.", highlight=False)
 
 
 def _tokens_at(log_history: list[dict], step: int) -> int:
@@ -117,7 +156,9 @@ def launch(job: dict, cfg, output_dir: Path) -> None:
         # (accelerate's --cpu path wants mpirun and a hostfile for more than one process)
         cmd += ["--multi_gpu"] if cfg.processes > 1 else []
     cmd += ["-m", "slmforge.train.job", str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // cfg.processes))}
+    settings = accelerate_settings(cfg)
+    local = max(1, world_size(cfg) // max(1, getattr(settings, "num_machines", 1) or 1))  # processes on this machine
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // local))}
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"
     proc = subprocess.run(cmd, env=env)
