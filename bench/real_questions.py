@@ -42,6 +42,11 @@ put before it ("Passages:\n[1] [source § section] text ...\n\nQuestion: ...\nAn
 acc_norm_open_book_base, acc_norm_open_book_specialist, acc_norm_open_book_diff_ci95 (specialist open-book minus base
 open-book), acc_norm_open_vs_closed_base_ci95 (specialist open-book minus base closed-book), answer_coverage (share of
 the gold answer's content words found in the retrieved passages) and the run's recall@k of generated questions.
+
+With --served as well, both models are scored a second way, in the format `slmforge serve` sends: the chat template
+around one user message (the question; or the passages, a blank line and `Question: …`), each option as the start of
+the assistant's reply. RESULT adds served_{closed,open}_{base,specialist} and paired CIs of open specialist vs open
+base, open specialist vs closed base, closed specialist vs closed base.
 """
 
 from __future__ import annotations
@@ -264,7 +269,8 @@ def _version(package: str) -> str:
     return version(package.replace("_", "-"))
 
 
-def score_model(spec: str, rows: list[dict], contexts, batch_size: int, cache: Path | None = None) -> tuple[list[dict], float]:
+def score_model(spec: str, rows: list[dict], contexts, batch_size: int, cache: Path | None = None,
+                prompts: list[str] | None = None) -> tuple[list[dict], float]:
     """score_mcq of one model on the rows; cached in `cache` by model content, rows, contexts and scoring code."""
     import inspect
 
@@ -275,7 +281,8 @@ def score_model(spec: str, rows: list[dict], contexts, batch_size: int, cache: P
     from slmforge.models import load_causal_lm, load_tokenizer
 
     code = [questions_module.PROMPT, inspect.getsource(questions_module.prompt_of), inspect.getsource(score_mcq)]
-    key = hashlib.sha256(json.dumps({"model": model_identity(spec), "rows": rows, "contexts": contexts,
+    extra = {"prompts": prompts} if prompts is not None else {}  # (keys of earlier caches unchanged)
+    key = hashlib.sha256(json.dumps({"model": model_identity(spec), "rows": rows, "contexts": contexts, **extra,
                                      "batch_size": batch_size, "code": code, "lm_eval": _version("lm_eval"),
                                      "torch": _version("torch")}, sort_keys=True).encode()).hexdigest()[:24]
     cached = cache / f"{key}.json" if cache else None
@@ -286,7 +293,7 @@ def score_model(spec: str, rows: list[dict], contexts, batch_size: int, cache: P
     model, tok = load_causal_lm(spec), load_tokenizer(spec)
     model.eval()
     with torch.no_grad():
-        scored = score_mcq(model, tok, rows, batch_size=batch_size, contexts=contexts)
+        scored = score_mcq(model, tok, rows, batch_size=batch_size, contexts=contexts, prompts=prompts)
     del model
     seconds = time.perf_counter() - start
     if cached:
@@ -344,6 +351,36 @@ def open_book_contexts(run_dir: Path, rows: list[dict], questions) -> tuple[list
                                            "no_passage": sum(not h for h in hits), "generated_recall": recall}
 
 
+def chat_prompts(rows: list[dict], contexts: list[str] | None) -> list[str]:
+    """Each question as `slmforge serve` sends it to the model: the chat template around one user message, which is
+    the question (closed book) or the retrieved passages, a blank line and `Question: …` (serve/retrieval.py)."""
+    from slmforge.models import load_tokenizer
+
+    tok = load_tokenizer("default")  # the specialist keeps its base's tokenizer files and chat template
+    users = [f"{c}\n\nQuestion: {r['question']}" if c else r["question"] for r, c in zip(rows, contexts or [None] * len(rows))]
+    return [tok.apply_chat_template([{"role": "user", "content": u}], add_generation_prompt=True, tokenize=False) for u in users]
+
+
+def served(rows: list[dict], contexts: list[str], model_dir: Path, args, work: Path) -> dict:
+    """Closed and open book in the served format (chat template), base and specialist: {served_*} results."""
+    from slmforge.evaluate.paired import paired_diff
+
+    out, scores = {}, {}
+    for book, ctx in (("closed", None), ("open", contexts)):
+        prompts = chat_prompts(rows, ctx)
+        for name, spec in (("base", "default"), ("specialist", str(model_dir))):
+            scores[book, name], _ = score_model(spec, rows, None, args.batch_size, work / "score_cache", prompts=prompts)
+            out[f"served_{book}_{name}"] = sum(x["acc_norm"] for x in scores[book, name]) / len(rows)
+    acc = lambda s: [x["acc_norm"] for x in s]  # noqa: E731
+    for label, a, b in (("served_open_spec_vs_open_base", ("open", "base"), ("open", "specialist")),
+                        ("served_open_spec_vs_closed_base", ("closed", "base"), ("open", "specialist")),
+                        ("served_closed_spec_vs_closed_base", ("closed", "base"), ("closed", "specialist"))):
+        d = paired_diff(acc(scores[a]), acc(scores[b]), binary=True)
+        out[f"{label}_diff"], out[f"{label}_ci95"], out[f"{label}_verdict"] = d["diff"], d["ci"], d["verdict"]
+    log(f"served format (chat template): " + ", ".join(f"{k} {v:.3f}" for k, v in out.items() if isinstance(v, float)))
+    return out
+
+
 def open_book(rows: list[dict], base_closed: list[dict], base_open: list[dict], spec_open: list[dict]) -> dict:
     from slmforge.evaluate.paired import paired_diff
 
@@ -363,6 +400,8 @@ RESULT_KEYS = ("n", "acc_norm_base", "acc_norm_specialist", "acc_norm_diff", "ac
                "answer_ppl_base", "answer_ppl_specialist", "lexical_reference", "build_s")
 
 
+SERVED_KEYS = tuple(f"served_{b}_{m}" for b in ("closed", "open") for m in ("base", "specialist")) + tuple(
+    f"served_{x}_ci95" for x in ("open_spec_vs_open_base", "open_spec_vs_closed_base", "closed_spec_vs_closed_base"))
 OPEN_BOOK_KEYS = ("acc_norm_open_book_base", "acc_norm_open_book_specialist", "acc_norm_open_book_diff_ci95",
                   "acc_norm_open_vs_closed_base_ci95", "answer_coverage", "generated_recall")
 
@@ -445,6 +484,8 @@ def run_domain(domain: Domain, args) -> dict:
         log(f"[{domain.name}] open-book scored in {s1:.0f} s (base) and {s2:.0f} s (specialist)")
         result.update(open_book(rows, base, base_open, spec_open), **retrieval)
         (work / "open_book.json").write_text(json.dumps({"contexts": contexts, "base": base_open, "specialist": spec_open}))
+        if args.served:
+            result.update(served(rows, contexts, model_dir, args, work))
     result.update(build_s=sum(stages.values()), build_wall_s=wall, stage_s=stages, specialist=f"{stage}: {model_dir}",
                   faq=faq_counts, corpus=corpus_counts, score_s=[round(base_s, 1), round(spec_s, 1)])
     (work / "scores.json").write_text(json.dumps({"result": result, "base": base, "specialist": spec}, indent=1))
@@ -460,6 +501,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every build")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--open-book", action="store_true", help="also score both models with retrieved passages")
+    parser.add_argument("--served", action="store_true", help="with --open-book: also score closed and open book in the "
+                        "served format (the chat template around the question or the passages prompt, as `slmforge serve` sends it)")
     parser.add_argument("--model", default=None, metavar="MODEL_DIR", help="score this model as the specialist (with "
                         "--skip-build RUN_DIR, whose index gives the open-book passages), e.g. an older build's")
     args = parser.parse_args()
@@ -473,7 +516,9 @@ def main() -> None:
 
     results = {name: run_domain(DOMAINS[name], args) for name in names}
     print_table(results)
-    keys = RESULT_KEYS + (OPEN_BOOK_KEYS if args.open_book else ())
+    if args.served and not args.open_book:
+        parser.error("--served needs --open-book")
+    keys = RESULT_KEYS + (OPEN_BOOK_KEYS if args.open_book else ()) + (SERVED_KEYS if args.served else ())
     print("RESULT " + json.dumps({"domains": {n: {k: _r(r[k]) for k in keys} for n, r in results.items()}}))
 
 

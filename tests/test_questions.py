@@ -195,3 +195,25 @@ def test_the_shared_prefix_engine_gives_lm_evals_loglikelihoods(small_model):
                     for i, r in enumerate(rows) for j, option in enumerate(r["choices"])]
         theirs = [float(x[0]) for x in lm.loglikelihood(requests, disable_tqdm=True)]
         assert ours == pytest.approx(theirs, abs=2e-3)
+
+
+def test_whole_prompts_score_as_given_chat_template_included(small_model):
+    """`prompts` replaces `Question: …\\nAnswer:`: the same prompt text gives the same scores as the contexts path, and a
+    chat-templated prompt (as a server sends it) scores each option as the start of the assistant's reply, no space."""
+    from slmforge.evaluate.questions import prompt_of
+
+    model, tok = small_model
+    rows = mcq_items([Question(id=f"f{i}", question=q, answer=a) for i, (q, a) in enumerate(FACTS)], seed=0)
+    passage = "Passages:\n[1] [manual.html § Facts] " + " ".join(a for _, a in FACTS)
+    by_context = score_mcq(model, tok, rows, contexts=[passage] * len(rows))
+    by_prompt = score_mcq(model, tok, rows, prompts=[prompt_of(r, passage) for r in rows])
+    assert [s["loglik"] for s in by_prompt] == [s["loglik"] for s in by_context]
+    gold = {q: a for q, a in FACTS}  # each question's own answer as its passage: read, it gives the answer away
+    chat = [tok.apply_chat_template([{"role": "user", "content": f"Passages:\n[1] [manual.html § Facts] "
+                                      f"{gold[r['question']]}\n\nQuestion: {r['question']}"}],
+                                    add_generation_prompt=True, tokenize=False) for r in rows]
+    served = score_mcq(model, tok, rows, prompts=chat)
+    assert chat[0].endswith("\n") and all(len(s["loglik"]) == 4 for s in served)
+    assert sum(s["acc_norm"] for s in served) == len(rows)
+    with pytest.raises(ValueError, match="prompts: 1 given"):
+        score_mcq(model, tok, rows, prompts=chat[:1])

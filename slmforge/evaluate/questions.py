@@ -158,7 +158,8 @@ def prompt_of(row: dict, context: str | None = None) -> str:
     return f"{context.strip()}\n\n{text}" if context else text
 
 
-def score_mcq(model, tokenizer, rows: list[dict], *, batch_size: int = 8, contexts: list[str] | None = None) -> list[dict]:
+def score_mcq(model, tokenizer, rows: list[dict], *, batch_size: int = 8, contexts: list[str] | None = None,
+              prompts: list[str] | None = None) -> list[dict]:
     """Per item {id, acc, acc_norm, acc_norm_char, gold_nll, gold_tokens, pred_index, loglik}.
 
     The engine is lm-eval's HFLM.loglikelihood (the one the benchmark tasks run on); per-token normalisation divides
@@ -168,6 +169,8 @@ def score_mcq(model, tokenizer, rows: list[dict], *, batch_size: int = 8, contex
     runs the prompt once per option, this runs it once and reuses its KV cache for the options. Same tokens, same
     sums (a test compares the two engines item by item).
     acc_norm divides by the option's tokens; acc_norm_char by its characters (lm-eval's own acc_norm).
+    `prompts`: whole prompts instead of `Question: …\nAnswer:` (e.g. a chat-templated prompt, as a server sends it);
+    a prompt ending in a newline takes the option as it is, otherwise after a space.
     """
     from slmforge.evaluate.scoring import _quiet_lm_eval, offline_env
 
@@ -175,15 +178,18 @@ def score_mcq(model, tokenizer, rows: list[dict], *, batch_size: int = 8, contex
     _quiet_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    if contexts is not None and len(contexts) != len(rows):
-        raise ValueError(f"contexts: {len(contexts)} given for {len(rows)} items")
+    for name, given in (("contexts", contexts), ("prompts", prompts)):
+        if given is not None and len(given) != len(rows):
+            raise ValueError(f"{name}: {len(given)} given for {len(rows)} items")
     from lm_eval.api.instance import Instance
 
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    prompts = [prompt_of(row, contexts[i] if contexts else None) for i, row in enumerate(rows)]
-    pairs = [[lm._encode_pair(p, f" {option}") for option in row["choices"]] for p, row in zip(prompts, rows)]
-    if contexts is None:  # short prompts: lm-eval's own batched engine
+    long = contexts is not None or prompts is not None
+    prompts = prompts or [prompt_of(row, contexts[i] if contexts else None) for i, row in enumerate(rows)]
+    pairs = [[lm._encode_pair(p, option if p.endswith("\n") else f" {option}") for option in row["choices"]]
+             for p, row in zip(prompts, rows)]
+    if not long:  # short prompts: lm-eval's own batched engine
         requests = [Instance(request_type="loglikelihood", doc=row, arguments=(p, f" {o}"), idx=j)
                     for p, row in zip(prompts, rows) for j, o in enumerate(row["choices"])]
         flat = iter([float(r[0]) for r in lm.loglikelihood(requests, disable_tqdm=True)] if requests else [])
