@@ -10,7 +10,7 @@ temporary folder (saved and loaded back, as the index stage and its readers do) 
   - each retriever against bm25, paired over the same questions (difference, bootstrap 95% CI, verdict);
   - the time to embed the passages, and the single-query search latency (p50 over up to 50 questions).
 
-    .venv/bin/python bench/retrieval.py RUN_DIR [--questions FILE] [--retrievers bm25,dense,hybrid]
+    .venv/bin/python bench/retrieval.py RUN_DIR [--questions FILE] [--retrievers bm25,dense,hybrid] [--embeddings-cache DIR]
 Ends with one line: RESULT {json}
 """
 
@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a run whose index (and generate) stages are done; only read")
     parser.add_argument("--questions", type=Path, default=None, help="questions file (question, answer) for answer coverage")
     parser.add_argument("--retrievers", default="bm25,dense,hybrid")
+    parser.add_argument("--embeddings-cache", type=Path, default=None, metavar="DIR",
+                        help="reuse passage vectors embedded before under DIR (as the index stage does); the embedding "
+                             "time is then that of the cache misses only")
     args = parser.parse_args()
 
     from slmforge.artifacts import GENERATE, HELDOUT_PASSAGES, INDEX, ITEMS, PASSAGES
@@ -108,10 +111,10 @@ def main() -> None:
             model = Encoder()
             timings["model_load_s"] = time.perf_counter() - start
             start = time.perf_counter()
-            dense_train = DenseIndex.build(train, model, progress=None)
+            dense_train = DenseIndex.build(train, model, progress=None, cache=args.embeddings_cache)
             timings["embed_train_s"] = time.perf_counter() - start
             start = time.perf_counter()
-            dense_train.extended(heldout, progress=None).save(tmp / "dense_all")
+            dense_train.extended(heldout, progress=None, cache=args.embeddings_cache).save(tmp / "dense_all")
             timings["embed_heldout_s"] = time.perf_counter() - start
             dense_train.save(tmp / "dense_train")
             dense = (DenseIndex.load(tmp / "dense_train", train), DenseIndex.load(tmp / "dense_all", train + heldout))
