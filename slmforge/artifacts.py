@@ -73,6 +73,10 @@ HELDOUT_PASSAGES = Artifact(INDEX, "heldout_passages.jsonl", "eval", Passage,
 BM25_TRAIN = Artifact(INDEX, "bm25_train", "data", folder=True, description="BM25 index of the training passages")
 BM25_ALL = Artifact(INDEX, "bm25_all", "eval", folder=True,
                     description="BM25 index of training + held-out passages: what a deployed specialist searches")
+DENSE_TRAIN = Artifact(INDEX, "dense_train", "data", folder=True,
+                      description="MiniLM embeddings of the training passages (index.retriever dense or hybrid)")
+DENSE_ALL = Artifact(INDEX, "dense_all", "eval", folder=True,
+                     description="MiniLM embeddings of training + held-out passages (index.retriever dense or hybrid)")
 INDEX_REPORT = Artifact(INDEX, "report.json", "report")
 
 # ------------------------------------------------------------------------------------------------ generate

@@ -152,13 +152,17 @@ from slmforge.records import ITEM_KINDS as GENERATE_KINDS, ItemKind  # noqa: E40
 
 
 class IndexConfig(Section):
-    """Retrieval over the training documents (BM25, bm25s): RAFT training data, open-book evaluation, serving."""
+    """Retrieval over the training documents (BM25 with bm25s; optionally MiniLM dense or hybrid): RAFT training data,
+    open-book evaluation, serving."""
 
     enabled: bool = True
     passage_words: int = Field(120, ge=16, le=2000, description="words per retrieval passage (sentence-aligned windows of a chunk)")
     k: int = Field(2, ge=1, le=20, description="passages put before a question (training, open-book eval, serving)")
     stemmer: str | None = Field("english", description="Snowball stemmer language (PyStemmer); null = none")
     stopwords: str | None = Field("en", description="bm25s stop-word list; null = none")
+    retriever: Literal["bm25", "dense", "hybrid"] = Field(
+        "bm25", description="bm25 = lexical (bm25s); dense = MiniLM embeddings (extra `dense`); hybrid = reciprocal-rank "
+        "fusion of both")
 
 
 class RaftConfig(Section):

