@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from slmforge import artifacts as art
@@ -25,7 +26,7 @@ def _load(recipe: Path, overrides: list[str] | None):
     try:
         return load_recipe(recipe, overrides or [])
     except RecipeError as err:
-        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", markup=True, highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -38,7 +39,7 @@ def _check_models(recipe, stages: list[str]) -> None:
         if art.INGEST in stages and recipe.ingest.tokenizer != "base":
             check_model(recipe.ingest.tokenizer, "ingest.tokenizer")
     except ModelError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -80,7 +81,7 @@ def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None
         try:
             outcome = run.execute(stage, recipe, force=force, notes=build.notes(name) if build else None)
         except (RecipeError, FileNotFoundError, RuntimeError, ValueError) as err:
-            console.print(f"[red]error in stage {name}:[/red] {err}", highlight=False)
+            console.print(f"[red]error in stage {name}:[/red] {escape(str(err))}", highlight=False)
             raise typer.Exit(1) from None
         if build:
             build.finished(name, time.time() - started, outcome.skipped)
@@ -106,7 +107,7 @@ def _prepare_build(recipe, run: RunDir):
     try:
         return prepare(recipe, run, say=lambda msg: console.print(msg, highlight=False))
     except (ModelError, RecipeError, OSError, RuntimeError, ValueError) as err:
-        console.print(f"[red]error while probing this machine for the build plan:[/red] {err}", highlight=False)
+        console.print(f"[red]error while probing this machine for the build plan:[/red] {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -238,7 +239,7 @@ def serve(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt,
     try:
         from slmforge.serve.app import ServeError, serve as run_server
     except ImportError as err:
-        console.print(f"[red]error:[/red] {err.name} is not installed: pip install 'slmforge[serve]'", highlight=False)
+        console.print(f"[red]error:[/red] {err.name} is not installed: pip install 'slmforge\\[serve]'", highlight=False)
         raise typer.Exit(1) from None
     from slmforge.models import ModelError
 
@@ -247,7 +248,7 @@ def serve(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt,
     try:
         run_server(_load(recipe, overrides))
     except (ServeError, ModelError) as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from None
 
 

@@ -151,3 +151,15 @@ def test_init_recipe_unedited_enables_the_whole_pipeline(tmp_path, corpus):
     # ingest ... export, nothing to switch on by hand; merge is opt-in (it pays only when a candidate beats the specialist)
     assert recipe.enabled_stages() == [s for s in STAGES if s != "merge"]
     assert recipe.generate.teacher.backend == "transformers" and recipe.base_model == "default"
+
+
+def test_errors_print_brackets_as_written(tmp_path, corpus):
+    """Error text is not rich markup: a path or an extra like `slmforge[serve]` in a message is printed whole."""
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+
+    recipe = write_recipe(tmp_path, corpus)
+    missing = tmp_path / "manuals[v2]"
+    result = CliRunner().invoke(app, ["ingest", str(recipe), "--set", f"documents={missing}"])
+    assert result.exit_code != 0 and "manuals[v2]" in result.output.replace("\n", ""), result.output
