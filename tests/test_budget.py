@@ -200,10 +200,11 @@ def test_probes_measure_the_model_and_are_cached_per_machine_and_model(tmp_path,
     load = [3.0]  # the 1-minute load average the probes see: busy (over the cores of a 2-core machine)
     monkeypatch.setattr(probes.os, "getloadavg", lambda: (load[0], load[0], load[0]))
     monkeypatch.setattr(probes, "machine", lambda: {"cpu": "test cpu", "cores": 2, "torch_threads": 2, "torch": "x"})
+    monkeypatch.setattr(probes, "MIN_CPU_SHARE", 0.0)  # (the CPU share the probes get here depends on the machine)
     recipe = build_recipe({"name": "t", "documents": str(corpus), "run_dir": str(tmp_path / "runs"), "budget": "5m",
                            "base_model": str(tiny_model), "dapt": TINY_TRAIN})
     fig = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None)
-    assert not fig.cached and fig.probe_s > 0 and fig.precision in fig.train
+    assert not fig.cached and fig.probe_s > 0 and fig.precision in fig.train and 0 < fig.cpu_share <= 1
     assert {"fp32"} <= set(fig.train) and fig.train["fp32"].token_s > 0 and fig.save_s > 0 and fig.generate
     assert fig.machine["cores"] >= 1 and fig.machine["cpu"]
     only_steps = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None, generation=False)
@@ -232,6 +233,11 @@ def test_probes_measure_the_model_and_are_cached_per_machine_and_model(tmp_path,
     monkeypatch.setattr(probes, "machine", lambda: {**other_machine, "cpu": fig.machine["cpu"]})
     with pytest.raises(Measured):  # nor another model's
         probes.figures(recipe, str(tiny_model), "another model", None, None)
+    monkeypatch.undo()  # measured for real once more: probes that got under MIN_CPU_SHARE of the cores are not cached
+    monkeypatch.setenv("SLMFORGE_CACHE", str(tmp_path / "cache2"))
+    monkeypatch.setattr(probes, "MIN_CPU_SHARE", 1.01)
+    starved = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None, generation=False)
+    assert not starved.cached and starved.train and not list((tmp_path / "cache2").rglob("*.json"))
 
 
 def test_a_budgeted_build_plans_records_and_skips_when_unchanged(tmp_path, monkeypatch, tiny_model, corpus):

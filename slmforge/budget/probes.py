@@ -61,6 +61,8 @@ class Figures(BaseModel):
                                                          "in-process teacher model (empty = the model teaches itself)")
     probe_s: float = Field(0.0, description="wall-clock seconds the probes took")
     load: float = Field(0.0, description="the machine's 1-minute load average when probed (busy machines measure slow)")
+    cpu_share: float = Field(1.0, description="CPU time the training probes got over wall time x torch threads: "
+                             "under 0.6, other processes took the cores and the figures are slow")
     cached: bool = Field(False, description="read from the probe cache (this build spent no time probing)")
 
     def step_seconds(self, tokens: float, precision: str | None = None) -> float:
@@ -224,6 +226,9 @@ def faster_precision(train: dict[str, StepFigures], tokens: int, margin: float =
     return "bf16" if "fp32" not in cost or cost["bf16"] < (1 - margin) * cost["fp32"] else "fp32"
 
 
+MIN_CPU_SHARE = 0.6  # one other busy 2-thread process leaves the probes about half
+
+
 def measured_busier(cached_load: float, load: float, cores: int) -> bool:
     """Whether cached probes were timed on a machine much busier than it is now (then they are measured again): other
     processes on a 2-core machine halve the step speed the probes see, and a plan sized on that spends half its budget.
@@ -259,7 +264,12 @@ def figures(recipe, model_path: str, model_id: str, teacher_path: str | None, te
         say(f"[yellow]the machine is busy (load {load:.1f} on {key['machine']['cores']} cores): the probes measure that, "
             f"and are cached; delete {path} to measure again when it is quiet[/yellow]")
     say("timing training steps (fp32, then bf16 autocast) on the real model")
+    import torch
+
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     train, note, save_s, load_s = measure_training(model_path, sizes)
+    wall = time.perf_counter() - wall0 - load_s  # (loading the model waits on the disk, not the cores)
+    cpu_share = min(1.0, (time.process_time() - cpu0) / max(1e-6, wall * torch.get_num_threads()))
     generate = teacher_generate = {}
     if generation:
         say("timing batched generation")
@@ -268,7 +278,11 @@ def figures(recipe, model_path: str, model_id: str, teacher_path: str | None, te
     result = Figures(machine=key["machine"], model=model_id, train=train, bf16_note=note,
                      precision=faster_precision(train, sizes["large"]), save_s=save_s, load_s=load_s, generate=generate,
                      teacher_generate=teacher_generate, teacher=teacher_id or "", load=round(load, 2),
-                     probe_s=round(time.perf_counter() - started, 2))
+                     cpu_share=round(cpu_share, 3), probe_s=round(time.perf_counter() - started, 2))
+    if cpu_share < MIN_CPU_SHARE:  # the 1-minute load average lags; the CPU the probes really got does not
+        say(f"[yellow]the training probes got {cpu_share:.0%} of {torch.get_num_threads()} cores (other processes took "
+            f"the rest): this build plans on these slow figures; they are not cached, the next build measures again[/yellow]")
+        return result
     try:
         atomic_write_json(path, result.model_dump(mode="json"))
     except OSError:  # a read-only cache only costs the next build the probes again
