@@ -4,6 +4,7 @@ and a planned build's records (budget.json, manifests) on a tiny real model."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -200,11 +201,11 @@ def test_probes_measure_the_model_and_are_cached_per_machine_and_model(tmp_path,
     load = [3.0]  # the 1-minute load average the probes see: busy (over the cores of a 2-core machine)
     monkeypatch.setattr(probes.os, "getloadavg", lambda: (load[0], load[0], load[0]))
     monkeypatch.setattr(probes, "machine", lambda: {"cpu": "test cpu", "cores": 2, "torch_threads": 2, "torch": "x"})
-    monkeypatch.setattr(probes, "MIN_CPU_SHARE", 0.0)  # (the CPU share the probes get here depends on the machine)
+    monkeypatch.setattr(probes, "BUSY_CONTENTION", 1.0)  # (how long the probes wait for a core depends on the machine)
     recipe = build_recipe({"name": "t", "documents": str(corpus), "run_dir": str(tmp_path / "runs"), "budget": "5m",
                            "base_model": str(tiny_model), "dapt": TINY_TRAIN})
     fig = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None)
-    assert not fig.cached and fig.probe_s > 0 and fig.precision in fig.train and 0 < fig.cpu_share <= 1
+    assert not fig.cached and fig.probe_s > 0 and fig.precision in fig.train and 0 <= fig.contention <= 1
     assert {"fp32"} <= set(fig.train) and fig.train["fp32"].token_s > 0 and fig.save_s > 0 and fig.generate
     assert fig.machine["cores"] >= 1 and fig.machine["cpu"]
     only_steps = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None, generation=False)
@@ -220,7 +221,7 @@ def test_probes_measure_the_model_and_are_cached_per_machine_and_model(tmp_path,
     again = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None)
     assert again.cached and again.model_dump(exclude={"cached"}) == fig.model_dump(exclude={"cached"})
     assert fig.load == 3.0
-    load[0] = 1.5  # a little quieter: the busy figures stand (noise must not re-probe every build)
+    load[0] = 1.5  # a little quieter, still busy: the busy figures stand (no probe every build)
     assert probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None).cached
     load[0] = 0.3  # quiet now: figures timed on a busy machine are measured again
     with pytest.raises(Measured):
@@ -233,11 +234,44 @@ def test_probes_measure_the_model_and_are_cached_per_machine_and_model(tmp_path,
     monkeypatch.setattr(probes, "machine", lambda: {**other_machine, "cpu": fig.machine["cpu"]})
     with pytest.raises(Measured):  # nor another model's
         probes.figures(recipe, str(tiny_model), "another model", None, None)
-    monkeypatch.undo()  # measured for real once more: probes that got under MIN_CPU_SHARE of the cores are not cached
-    monkeypatch.setenv("SLMFORGE_CACHE", str(tmp_path / "cache2"))
-    monkeypatch.setattr(probes, "MIN_CPU_SHARE", 1.01)
-    starved = probes.figures(recipe, str(tiny_model), model_identity(str(tiny_model)), None, None, generation=False)
-    assert not starved.cached and starved.train and not list((tmp_path / "cache2").rglob("*.json"))
+    monkeypatch.setattr(probes, "BUSY_CONTENTION", 0.3)
+    quiet = fig.model_copy(update={"load": 0.5, "contention": 0.05})
+    assert not probes.measured_busier(quiet, 0.1, 2)
+    assert probes.measured_busier(quiet.model_copy(update={"contention": 0.5}), 0.1, 2)  # threads waited for cores
+    assert not probes.measured_busier(quiet.model_copy(update={"contention": 0.5}), 1.5, 2)  # still busy: keep
+
+
+def test_run_queue_wait_shows_a_contended_probe():
+    """The probes' contention figure is Linux's run-queue wait of this process's threads: near 0 alone, about half
+    when another busy process shares the one core both may use."""
+    import multiprocessing
+    import os
+
+    from slmforge.budget import probes
+
+    if not probes.run_queue_ns()[0]:
+        pytest.skip("no /proc/self/task/*/schedstat here")
+
+    def spin(seconds: float) -> float:
+        run0, wait0 = probes.run_queue_ns()
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+        run1, wait1 = probes.run_queue_ns()
+        return (wait1 - wait0) / max(1, run1 - run0 + wait1 - wait0)
+
+    core = sorted(os.sched_getaffinity(0))[:1]
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, core)
+    try:
+        other = multiprocessing.get_context("fork").Process(target=spin, args=(3.0,))
+        other.start()
+        time.sleep(0.2)
+        shared = spin(1.0)
+        other.join()
+    finally:
+        os.sched_setaffinity(0, before)
+    assert shared > 0.3
 
 
 def test_a_budgeted_build_plans_records_and_skips_when_unchanged(tmp_path, monkeypatch, tiny_model, corpus):
@@ -246,8 +280,10 @@ def test_a_budgeted_build_plans_records_and_skips_when_unchanged(tmp_path, monke
     same and skips every stage."""
     from typer.testing import CliRunner
 
+    from slmforge.budget import probes
     from slmforge.cli import app
 
+    monkeypatch.setattr(probes, "BUSY_CONTENTION", 1.0)  # a busy test machine's probes are still cached and reused
     monkeypatch.setenv("SLMFORGE_CACHE", str(tmp_path / "cache"))
     recipe = write_recipe(tmp_path, corpus, base_model=str(tiny_model), budget="60s", curate={"heldout_fraction": 0.25},
                           dapt={**TINY_TRAIN, "replay_samples": 2, "replay_max_new_tokens": 8})

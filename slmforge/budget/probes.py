@@ -61,8 +61,9 @@ class Figures(BaseModel):
                                                          "in-process teacher model (empty = the model teaches itself)")
     probe_s: float = Field(0.0, description="wall-clock seconds the probes took")
     load: float = Field(0.0, description="the machine's 1-minute load average when probed (busy machines measure slow)")
-    cpu_share: float = Field(1.0, description="CPU time the training probes got over wall time x torch threads: "
-                             "under 0.6, other processes took the cores and the figures are slow")
+    contention: float = Field(0.0, description="share of the training probes' runnable time their threads spent "
+                              "waiting for a core (Linux run-queue wait, /proc/self/task/*/schedstat); over 0.3, other "
+                              "processes held the cores and the figures are slow")
     cached: bool = Field(False, description="read from the probe cache (this build spent no time probing)")
 
     def step_seconds(self, tokens: float, precision: str | None = None) -> float:
@@ -226,14 +227,32 @@ def faster_precision(train: dict[str, StepFigures], tokens: int, margin: float =
     return "bf16" if "fp32" not in cost or cost["bf16"] < (1 - margin) * cost["fp32"] else "fp32"
 
 
-MIN_CPU_SHARE = 0.6  # one other busy 2-thread process leaves the probes about half
+BUSY_CONTENTION = 0.3
 
 
-def measured_busier(cached_load: float, load: float, cores: int) -> bool:
-    """Whether cached probes were timed on a machine much busier than it is now (then they are measured again): other
+def run_queue_ns() -> tuple[int, int]:
+    """(ns running, ns waiting for a core) summed over this process's threads; (0, 0) where Linux schedstat is absent."""
+    run = wait = 0
+    for stat in Path("/proc/self/task").glob("*/schedstat"):
+        try:
+            fields = stat.read_text().split()
+            run, wait = run + int(fields[0]), wait + int(fields[1])
+        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
+            continue
+    return run, wait
+
+
+def was_busy(fig: "Figures", cores: int) -> bool:
+    """Whether figures were timed on a busy machine: its load average over the cores, or the probes' threads waiting
+    for a core over BUSY_CONTENTION of their runnable time (the 1-minute load average lags; the run queue does not)."""
+    return fig.load > cores or fig.contention > BUSY_CONTENTION
+
+
+def measured_busier(fig: "Figures", load: float, cores: int) -> bool:
+    """Whether cached figures were timed on a busy machine that is quiet now (then they are measured again): other
     processes on a 2-core machine halve the step speed the probes see, and a plan sized on that spends half its budget.
-    Busy = 1-minute load above the core count; much busier = at least double today's load plus one."""
-    return cached_load > cores and cached_load >= 2 * load + 1
+    Quiet = 1-minute load under half the cores; while it is still busy, the cached figures stand (no probe every build)."""
+    return was_busy(fig, cores) and load < cores / 2
 
 
 def _cache_file(key: dict) -> Path:
@@ -255,21 +274,17 @@ def figures(recipe, model_path: str, model_id: str, teacher_path: str | None, te
             cached = Figures.model_validate_json(path.read_text())
         except ValueError:
             cached = None  # a cache file from an interrupted write or older code: measure again
-        if cached is not None and not measured_busier(cached.load, load, key["machine"]["cores"]):
+        if cached is not None and not measured_busier(cached, load, key["machine"]["cores"]):
             return cached.model_copy(update={"cached": True})
         if cached is not None:
-            say(f"the cached probes were measured on a busy machine (load {cached.load:.1f}, now {load:.1f}): measuring again")
+            say(f"the cached probes were timed on a busy machine (load {cached.load:.1f}, run-queue wait "
+                f"{cached.contention:.0%}); it is quiet now (load {load:.1f}): measuring again")
     started = time.perf_counter()
-    if load > key["machine"]["cores"]:
-        say(f"[yellow]the machine is busy (load {load:.1f} on {key['machine']['cores']} cores): the probes measure that, "
-            f"and are cached; delete {path} to measure again when it is quiet[/yellow]")
     say("timing training steps (fp32, then bf16 autocast) on the real model")
-    import torch
-
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    run0, wait0 = run_queue_ns()
     train, note, save_s, load_s = measure_training(model_path, sizes)
-    wall = time.perf_counter() - wall0 - load_s  # (loading the model waits on the disk, not the cores)
-    cpu_share = min(1.0, (time.process_time() - cpu0) / max(1e-6, wall * torch.get_num_threads()))
+    run1, wait1 = run_queue_ns()  # (threads torch started during the probes count from zero: their whole life)
+    contention = (wait1 - wait0) / max(1, (run1 - run0) + (wait1 - wait0))
     generate = teacher_generate = {}
     if generation:
         say("timing batched generation")
@@ -278,11 +293,11 @@ def figures(recipe, model_path: str, model_id: str, teacher_path: str | None, te
     result = Figures(machine=key["machine"], model=model_id, train=train, bf16_note=note,
                      precision=faster_precision(train, sizes["large"]), save_s=save_s, load_s=load_s, generate=generate,
                      teacher_generate=teacher_generate, teacher=teacher_id or "", load=round(load, 2),
-                     cpu_share=round(cpu_share, 3), probe_s=round(time.perf_counter() - started, 2))
-    if cpu_share < MIN_CPU_SHARE:  # the 1-minute load average lags; the CPU the probes really got does not
-        say(f"[yellow]the training probes got {cpu_share:.0%} of {torch.get_num_threads()} cores (other processes took "
-            f"the rest): this build plans on these slow figures; they are not cached, the next build measures again[/yellow]")
-        return result
+                     contention=round(contention, 3), probe_s=round(time.perf_counter() - started, 2))
+    if was_busy(result, key["machine"]["cores"]):
+        say(f"[yellow]the machine was busy while probing (load {load:.1f} on {key['machine']['cores']} cores, "
+            f"run-queue wait {contention:.0%}): this build plans on slow figures; the next build on a quiet machine "
+            f"measures again[/yellow]")
     try:
         atomic_write_json(path, result.model_dump(mode="json"))
     except OSError:  # a read-only cache only costs the next build the probes again
