@@ -89,6 +89,17 @@ def _tokenizer_settings(stemmer: str | None, stopwords: str | None) -> dict:
     return {"stemmer": stemmer, "stopwords": stopwords}
 
 
+def indexed_passages(folder: Path, ids: Sequence[str], passages: Sequence[Passage]) -> list[Passage]:
+    """The passages a saved index (at `folder`) holds, in its order, from the run's `passages`; an error when some
+    are missing (the index and the passages come from different runs)."""
+    by_id = {p.id: p for p in passages}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(f"{folder}: {len(missing)} indexed passages are not in the passages given (e.g. {missing[0]}); "
+                         "the index and its passages come from different runs")
+    return [by_id[i] for i in ids]
+
+
 class Bm25Index:
     """A BM25 index over passages. Build once per run (the index stage); load wherever a question needs passages."""
 
@@ -136,13 +147,8 @@ class Bm25Index:
             meta = json.loads((folder / META).read_text())
         except (OSError, ValueError) as err:
             raise ValueError(f"{folder}: not a slmforge retrieval index ({err}); rerun `slmforge index`") from None
-        by_id = {p.id: p for p in passages}
-        missing = [i for i in meta["passages"] if i not in by_id]
-        if missing:
-            raise ValueError(f"{folder}: {len(missing)} indexed passages are not in the passages given (e.g. {missing[0]}); "
-                             "the index and its passages come from different runs")
-        retriever = bm25s.BM25.load(str(folder))
-        return cls(retriever, [by_id[i] for i in meta["passages"]], meta.get("stemmer"), meta.get("stopwords"))
+        indexed = indexed_passages(folder, meta["passages"], passages)
+        return cls(bm25s.BM25.load(str(folder)), indexed, meta.get("stemmer"), meta.get("stopwords"))
 
     # -------------------------------------------------------------------------------------------- search
     def search_many(self, queries: Sequence[str], k: int = 2, exclude_docs: Sequence[set[str]] | None = None) -> list[list[Hit]]:

