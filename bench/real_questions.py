@@ -43,6 +43,14 @@ acc_norm_open_book_base, acc_norm_open_book_specialist, acc_norm_open_book_diff_
 open-book), acc_norm_open_vs_closed_base_ci95 (specialist open-book minus base closed-book), answer_coverage (share of
 the gold answer's content words found in the retrieved passages) and the run's recall@k of generated questions.
 
+With --merge, the run's eval stage (benchmarks from its held-out documents) and merge stage (mergekit candidates:
+the specialist interpolated with its base, TIES/DARE of the stage models; the one with the best held-out domain score
+within merge.max_forgetting is kept) run on the built specialist (`slmforge eval` and `slmforge merge`, MERGE_OVERRIDES;
+cached like every stage). The FAQ never takes part in that choice. Every candidate is then rebuilt from the mergekit
+configuration the stage recorded and scored on the FAQ items like the specialist, with paired CIs against the unmerged
+specialist and the base: RESULT adds "merge": {chosen, reason, candidates: {name: {domain_score, domain_gain,
+forgetting, faq_acc_norm, faq_vs_specialist_ci95, faq_vs_base_ci95}}}.
+
 With --served as well, both models are scored a second way, in the format `slmforge serve` sends: the chat template
 around one user message (the question; or the passages, a blank line and `Question: …`), each option as the start of
 the assistant's reply. RESULT adds served_{closed,open}_{base,specialist} and paired CIs of open specialist vs open
@@ -208,6 +216,12 @@ def write_recipe(domain: Domain, corpus: Path, work: Path) -> Path:
 BUILD_OVERRIDES = ("eval.enabled=false", "export.enabled=false")  # passed to `slmforge build --set`
 
 
+# the merge measurement: eval builds held-out benchmarks (extractive items, no teacher, so it stays a few minutes) and
+# scores base and specialist once; merge scores every candidate on a seeded sample of them and the forgetting check
+MERGE_OVERRIDES = ("budget=none", "eval.enabled=true", "eval.teacher=false", "eval.samples=0", "merge.enabled=true",
+                   "merge.max_items=40", "merge.benchmarks=[mcq, qa, doc_questions]")
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             "SLMFORGE_QUIET": "1"}
@@ -226,6 +240,18 @@ def build(recipe: Path, runs: Path, overrides: list[str], log_path: Path) -> flo
         sys.exit(f"build failed ({' '.join(cmd)}), exit {code}; the end of {log_path}:\n"
                  f"{log_path.read_text(encoding='utf-8', errors='replace')[-3000:]}")
     return time.perf_counter() - start
+
+
+def run_stage(stage: str, recipe: Path, run_dir: Path, overrides: list[str], log_path: Path) -> None:
+    """`slmforge <stage>` on an existing run (its earlier stages as they are); cached by slmforge like every stage."""
+    cmd = [sys.executable, "-m", "slmforge.cli", stage, str(recipe), "--set", f"run_dir={run_dir.parent}"]
+    for item in overrides:
+        cmd += ["--set", item]
+    with log_path.open("a", encoding="utf-8") as fh:
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env()).returncode
+    if code != 0:
+        sys.exit(f"{stage} failed ({' '.join(cmd)}), exit {code}; the end of {log_path}:\n"
+                 f"{log_path.read_text(encoding='utf-8', errors='replace')[-3000:]}")
 
 
 def stage_seconds(run_dir: Path) -> dict[str, float]:
@@ -396,6 +422,67 @@ def open_book(rows: list[dict], base_closed: list[dict], base_open: list[dict], 
             "acc_norm_open_book_base_gain_ci95": base_gain["ci"]}
 
 
+def merge_candidates(run_dir: Path, recipe: Path, rows: list[dict], base: list[dict], spec: list[dict], stage: str,
+                     args, work: Path) -> dict:
+    """Run eval and merge on the run, rebuild each candidate from its recorded mergekit configuration, score it on the
+    FAQ closed-book and compare it with the unmerged specialist and the base (paired)."""
+    from slmforge.evaluate.paired import paired_diff
+    from slmforge.merge.candidates import run_merge
+    from slmforge.merge.stage import _safe
+
+    log_path = work / "merge.log"
+    log_path.write_text("")
+    overrides = [*MERGE_OVERRIDES, f"eval.models=[base, {stage}]", *(args.set or [])]
+    for name in ("eval", "merge"):
+        log(f"[{run_dir.name}] slmforge {name} (log: {log_path})")
+        run_stage(name, recipe, run_dir, overrides, log_path)
+    doc = json.loads((run_dir / "merge" / "candidates.json").read_text())
+    acc = lambda xs: [s["acc_norm"] for s in xs]  # noqa: E731
+    out = {"chosen": doc["chosen"], "reason": doc["reason"], "max_forgetting": doc["max_forgetting"],
+           "domain_benchmarks": doc["domain_benchmarks"], "items": doc["benchmarks"], "candidates": {}}
+    for row in doc["candidates"]:
+        name = row["name"]
+        if name == doc["specialist"]:
+            scores = spec
+        elif name == "base":
+            scores = base
+        else:
+            folder = work / "merge_candidates" / _safe(name)
+            recorded = folder / "slmforge_merge_config.json"
+            config = json.dumps(row["config"], sort_keys=True)
+            if not (recorded.is_file() and recorded.read_text() == config and (folder / "config.json").is_file()):
+                log(f"[{run_dir.name}] merging {name} again from the stage's recorded configuration")
+                run_merge(row["config"], folder, str(run_dir / stage / "model"),
+                          json.loads((run_dir / "merge" / "manifest.json").read_text())["seed"])
+                recorded.write_text(config)
+            scores, seconds = score_model(str(folder), rows, None, args.batch_size, work / "score_cache")
+            log(f"[{run_dir.name}] {name} scored in {seconds:.0f} s")
+        vs_spec = paired_diff(acc(spec), acc(scores), binary=True)
+        vs_base = paired_diff(acc(base), acc(scores), binary=True)
+        out["candidates"][name] = {
+            "domain_score": row["domain_score"], "domain_gain": row["domain_gain"], "forgetting": row["forgetting"],
+            "within_limit": row.get("within_limit"), "chosen": row.get("chosen", False),
+            "faq_acc_norm": sum(acc(scores)) / len(scores),
+            "faq_vs_specialist": vs_spec["diff"], "faq_vs_specialist_ci95": vs_spec["ci"], "faq_vs_specialist_verdict": vs_spec["verdict"],
+            "faq_vs_base": vs_base["diff"], "faq_vs_base_ci95": vs_base["ci"], "faq_vs_base_verdict": vs_base["verdict"]}
+    return out
+
+
+def print_merge_table(name: str, m: dict) -> None:
+    lines = ["", f"merge candidates, {name} (held-out benchmarks: {', '.join(m['domain_benchmarks'])}; "
+             f"items {m['items']}; FAQ closed-book, never used for the choice)",
+             "| candidate | domain score | Δ vs specialist | forgetting | FAQ acc_norm | FAQ − specialist [95% CI] "
+             "| FAQ − base [95% CI] | kept |", "|---|--:|--:|--:|--:|--:|--:|---|"]
+    for cand, c in m["candidates"].items():
+        (a, b), (x, y) = c["faq_vs_specialist_ci95"], c["faq_vs_base_ci95"]
+        forgetting = "–" if c["forgetting"] is None else f"{c['forgetting']:+.1%}"
+        lines.append(f"| {cand} | {c['domain_score']:.3f} | {c['domain_gain']:+.3f} | {forgetting} | {c['faq_acc_norm']:.3f} "
+                     f"| {c['faq_vs_specialist']:+.3f} [{a:+.3f}, {b:+.3f}] | {c['faq_vs_base']:+.3f} [{x:+.3f}, {y:+.3f}] "
+                     f"| {'**kept**' if c['chosen'] else ''} |")
+    lines.append(f"kept {m['chosen']}: {m['reason']}")
+    log("\n".join(lines))
+
+
 RESULT_KEYS = ("n", "acc_norm_base", "acc_norm_specialist", "acc_norm_diff", "acc_norm_diff_ci95",
                "answer_ppl_base", "answer_ppl_specialist", "lexical_reference", "build_s")
 
@@ -408,6 +495,10 @@ OPEN_BOOK_KEYS = ("acc_norm_open_book_base", "acc_norm_open_book_specialist", "a
 
 def _r(x, nd=4):
     return [round(v, nd) for v in x] if isinstance(x, (list, tuple)) else round(x, nd) if isinstance(x, float) else x
+
+
+def _round(x):
+    return {k: _round(v) for k, v in x.items()} if isinstance(x, dict) else _r(x)
 
 
 def print_table(results: dict) -> None:
@@ -486,6 +577,11 @@ def run_domain(domain: Domain, args) -> dict:
         (work / "open_book.json").write_text(json.dumps({"contexts": contexts, "base": base_open, "specialist": spec_open}))
         if args.served:
             result.update(served(rows, contexts, model_dir, args, work))
+    if args.merge:
+        recipe_path = work / "recipe.yaml"
+        if not recipe_path.is_file():
+            sys.exit(f"--merge: {recipe_path} is missing (it is written by a build of this bench)")
+        result["merge"] = merge_candidates(run_dir, recipe_path, rows, base, spec, stage, args, work)
     result.update(build_s=sum(stages.values()), build_wall_s=wall, stage_s=stages, specialist=f"{stage}: {model_dir}",
                   faq=faq_counts, corpus=corpus_counts, score_s=[round(base_s, 1), round(spec_s, 1)])
     (work / "scores.json").write_text(json.dumps({"result": result, "base": base, "specialist": spec}, indent=1))
@@ -505,6 +601,8 @@ def main() -> None:
                         "served format (the chat template around the question or the passages prompt, as `slmforge serve` sends it)")
     parser.add_argument("--model", default=None, metavar="MODEL_DIR", help="score this model as the specialist (with "
                         "--skip-build RUN_DIR, whose index gives the open-book passages), e.g. an older build's")
+    parser.add_argument("--merge", action="store_true", help="also run eval and merge on the specialist's run and score "
+                        "every merge candidate on the FAQ (paired CIs vs the unmerged specialist and the base)")
     args = parser.parse_args()
     args.runs = args.runs or str(Path(args.cache) / "runs")
     names = [d.strip() for d in args.domains.split(",") if d.strip()]
@@ -514,12 +612,19 @@ def main() -> None:
     if args.skip_build and len(names) != 1:
         parser.error("--skip-build RUN_DIR scores one run: give exactly one domain with --domains")
 
-    results = {name: run_domain(DOMAINS[name], args) for name in names}
-    print_table(results)
     if args.served and not args.open_book:
         parser.error("--served needs --open-book")
+    if args.merge and args.model:
+        parser.error("--merge merges the run's own specialist: leave out --model")
+    results = {name: run_domain(DOMAINS[name], args) for name in names}
+    print_table(results)
+    for name, r in results.items():
+        if "merge" in r:
+            print_merge_table(name, r["merge"])
     keys = RESULT_KEYS + (OPEN_BOOK_KEYS if args.open_book else ()) + (SERVED_KEYS if args.served else ())
-    print("RESULT " + json.dumps({"domains": {n: {k: _r(r[k]) for k in keys} for n, r in results.items()}}))
+    if args.merge:
+        keys += ("merge",)
+    print("RESULT " + json.dumps({"domains": {n: {k: _round(r[k]) for k in keys} for n, r in results.items()}}))
 
 
 if __name__ == "__main__":

@@ -159,6 +159,23 @@ def test_eval_prediction_counts_items_models_and_the_questions_found(demo):
     assert planner.eval_seconds(demo, FIG, FACTS) < planner.eval_seconds(demo, FIG, FACTS | {"eval_fixed": 11.0})
 
 
+def test_the_merge_stage_is_planned_inside_the_budget(demo):
+    without = planner.make_plan(demo, FIG, FACTS, 1200)
+    assert "merge" not in without.predicted
+    demo.merge.enabled = True
+    assert planner.merge_models(demo) == 7  # linear x3, SLERP x2, TIES and DARE-TIES of the three stage models
+    merge = planner.predict(demo, FIG, FACTS)["merge"]
+    assert merge > 9 * (FIG.load_s + planner.EVAL_MODEL_SETUP_S)  # 7 candidates, the specialist and the base scored
+    demo.merge.max_items = 5
+    assert planner.predict(demo, FIG, FACTS)["merge"] < merge
+    demo.merge.max_items = 20
+    demo.merge.prune.enabled = True
+    assert planner.predict(demo, FIG, FACTS)["merge"] > merge  # importance, recovery steps, one more model scored
+    planned = planner.make_plan(demo, FIG, FACTS, 1200)
+    assert planned.fits and planned.predicted_total_s <= planned.usable_s
+    assert planned.scale < without.scale  # training gives up what merging takes
+
+
 # ---------------------------------------------------------------------------------------------- precision
 def test_precision_auto_picks_the_measured_faster_one():
     fp32 = StepFigures(token_s=0.008, step_s=0.3, forward_token_s=0.002)

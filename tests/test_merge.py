@@ -28,6 +28,30 @@ def test_choice_rule_best_domain_score_within_forgetting():
     assert choose([tie[0], {**tie[0], "name": "later"}], 0.05)[0] == "spec"
 
 
+def _scored(correct: list[int], ppl: float) -> dict:
+    rows = [{"id": f"q{i}", "acc": c, "acc_norm": c} for i, c in enumerate(correct)]
+    value = sum(correct) / len(correct)
+    return {"scores": {"mcq": {"acc": {"value": value}, "acc_norm": {"value": value}},
+                       "general_ppl": {"word_perplexity": {"value": ppl}}}, "items": {"mcq": rows}}
+
+
+def test_a_pruned_row_is_compared_with_the_model_it_was_cut_from():
+    from slmforge.merge.stage import candidate_rows
+
+    n = 40
+    scored = {"dpo (unmerged)": _scored([1] * 10 + [0] * 30, 20.0),  # 0.25
+              "linear-0.50": _scored([1] * 30 + [0] * 10, 20.5),  # 0.75: the kept merge
+              "base": _scored([1] * 8 + [0] * 32, 20.0),
+              "pruned(linear-0.50)": _scored([1] * 28 + [0] * 12, 22.0)}  # 0.70: pruning cost 0.05
+    assert len(scored["base"]["items"]["mcq"]) == n
+    vs_spec = candidate_rows(scored, "dpo (unmerged)", ["mcq"], 0, only=["pruned(linear-0.50)"])[0]
+    vs_kept = candidate_rows(scored, "linear-0.50", ["mcq"], 0, only=["pruned(linear-0.50)"])[0]
+    assert vs_spec["domain_gain"] == pytest.approx(0.45)  # merging and pruning mixed together
+    assert vs_kept["domain_gain"] == pytest.approx(-0.05)  # pruning alone
+    assert vs_kept["paired"]["mcq"]["diff"] == pytest.approx(-0.05)
+    assert vs_kept["forgetting"] == pytest.approx(0.10)  # forgetting stays against the base
+
+
 def test_choice_rule_when_nothing_is_within_the_limit():
     cands = [{"name": "a", "domain_score": 0.9, "forgetting": 0.20}, {"name": "b", "domain_score": 0.1, "forgetting": 0.08},
              {"name": "c", "domain_score": 0.5, "forgetting": None}]

@@ -129,31 +129,62 @@ def eval_models(recipe) -> int:
     return sum(1 for m in recipe.eval.models if m == "base" or (m in PLANNED_TRAIN and getattr(recipe, m).enabled))
 
 
+def _items_seconds(cfg, fig: Figures, kind: str, n: int) -> float:
+    """Scoring n items of one benchmark kind (eval's settings `cfg`) on one model."""
+    fwd = fig.train["fp32"].forward_token_s
+    if kind in ("questions", "doc_questions"):
+        return n * cfg.question_options * (cfg.question_option_words * TOKENS_PER_WORD + QUESTION_PROMPT_TOKENS) * fwd
+    if kind == "mcq":
+        return n * 4 * MCQ_TOKENS * fwd
+    if not fig.generate:
+        return 0.0
+    g = fig.generation(cfg.batch_size)
+    return n * (PROMPT_TOKENS[kind] * g.prefill_token_s + cfg.max_new_tokens.get(kind, 32) * g.decode_step_s / cfg.batch_size)
+
+
 def eval_seconds(recipe, fig: Figures, facts: dict) -> float:
     """Predicted eval stage: every scored model x (its setup + every benchmark item), plus building the benchmarks."""
     cfg = recipe.eval
     fwd = fig.train["fp32"].forward_token_s
-    per_model = fig.load_s + EVAL_MODEL_SETUP_S
-    if fig.generate:
-        g = fig.generation(cfg.batch_size)
-        for kind in cfg.kinds:
-            n = cfg.items.get(kind, 0)
-            if kind == "mcq":
-                per_model += n * 4 * MCQ_TOKENS * fwd
-            else:
-                per_model += n * (PROMPT_TOKENS[kind] * g.prefill_token_s
-                                  + cfg.max_new_tokens.get(kind, 32) * g.decode_step_s / cfg.batch_size)
+    per_model = fig.load_s + EVAL_MODEL_SETUP_S + sum(_items_seconds(cfg, fig, kind, cfg.items.get(kind, 0)) for kind in cfg.kinds)
     per_model += cfg.perplexity_words * TOKENS_PER_WORD * fwd
     if cfg.general:
         per_model += (cfg.general_mcq_items * 4 * GENERAL_MCQ_TOKENS + cfg.general_text_words * TOKENS_PER_WORD) * fwd
     questions = facts.get("questions", 0) + min(cfg.doc_questions, facts.get("doc_questions", cfg.doc_questions))
-    per_model += questions * cfg.question_options * (cfg.question_option_words * TOKENS_PER_WORD + QUESTION_PROMPT_TOKENS) * fwd
+    per_model += _items_seconds(cfg, fig, "questions", questions)
     teacher = 0.0
     if cfg.teacher and cfg.teacher_chunks and recipe.generate.teacher.backend == "transformers" and fig.generate:
         t = recipe.generate.teacher
         g = fig.generation(t.batch_size, teacher=True)
         teacher = math.ceil(cfg.teacher_chunks * len(cfg.teacher_kinds) / t.batch_size) * t.max_new_tokens * g.decode_step_s
     return facts.get("eval_fixed", 10.0) + teacher + eval_models(recipe) * per_model
+
+
+def merge_models(recipe) -> int:
+    """Candidates the merge stage makes with mergekit (the unmerged specialist and the base are scored besides)."""
+    cfg = recipe.merge
+    trained = sum(1 for s in PLANNED_TRAIN if getattr(recipe, s).enabled)
+    return len(cfg.linear) + len(cfg.slerp) + (len(cfg.stage_merges) if trained >= 2 else 0)
+
+
+def merge_seconds(recipe, fig: Figures, facts: dict) -> float:
+    """Predicted merge stage: each candidate written by mergekit (about a model load and a save), then every candidate,
+    the specialist and the base scored on merge.max_items of each merge benchmark and the forgetting check; with
+    merge.prune, the importance pass, the recovery steps and one more scoring."""
+    cfg, ev = recipe.merge, recipe.eval
+    fwd = fig.train["fp32"].forward_token_s
+    items = {"questions": facts.get("questions", 0), "doc_questions": min(ev.doc_questions, facts.get("doc_questions", ev.doc_questions))}
+    per_model = fig.load_s + EVAL_MODEL_SETUP_S + ev.general_text_words * TOKENS_PER_WORD * fwd
+    per_model += sum(_items_seconds(ev, fig, b, min(cfg.max_items, items.get(b, ev.items.get(b, 0)))) for b in cfg.benchmarks)
+    n = merge_models(recipe)
+    seconds = n * (fig.load_s + fig.save_s) + (n + 2) * per_model
+    p = cfg.prune
+    if p.enabled:
+        calibration = 2 * p.calibration_texts * fig.step_seconds(p.calibration_tokens, "fp32")  # forward + backward per text
+        steps = p.recovery_steps * fig.step_seconds(p.recovery_batch_size * p.recovery_max_length, _precision(recipe.dapt, fig))
+        speed = 2 * 2 * 48 * fig.generation(1).decode_step_s if fig.generate else 0.0  # greedy tokens/s, pruned and not
+        seconds += calibration + fig.load_s + TRAINER_SETUP_S + steps + 2 * fig.save_s + speed + per_model
+    return seconds
 
 
 def predict(recipe, fig: Figures, facts: dict) -> dict[str, float]:
@@ -168,6 +199,8 @@ def predict(recipe, fig: Figures, facts: dict) -> dict[str, float]:
             out[stage] = facts.get("generate", 0.0) + teacher_seconds(recipe, fig)
         elif stage == "eval":
             out[stage] = eval_seconds(recipe, fig, facts)
+        elif stage == "merge":
+            out[stage] = merge_seconds(recipe, fig, facts)
         else:
             out[stage] = facts.get(stage, 0.0)
     return {k: round(v, 1) for k, v in out.items()}

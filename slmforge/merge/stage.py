@@ -99,9 +99,10 @@ class MergeStage(Stage):
             info = prune_and_recover(ctx, model_dir, ctx.scratch / "pruned", cfg.prune, recipe)
             pruned_name = f"pruned({chosen})"
             scored[pruned_name] = bench.score(pruned_name, str(model_dir))
-            pruned_row = candidate_rows(scored, specialist, bench.domain, recipe.seed, only=[pruned_name])[0]
+            # against the model it was cut from (the kept candidate), so the cells measure pruning alone, not merging too
+            pruned_row = candidate_rows(scored, chosen, bench.domain, recipe.seed, only=[pruned_name])[0]
             pruned_row.update(chosen=False, within_limit=pruned_row["forgetting"] is not None
-                              and pruned_row["forgetting"] <= cfg.max_forgetting, pruned=True)
+                              and pruned_row["forgetting"] <= cfg.max_forgetting, pruned=True, compared_with=chosen)
             info["tokens_per_s_pruned"] = tokens_per_second(str(model_dir))
             info["tokens_per_s_unpruned"] = tokens_per_second(models[chosen])
             doc["prune"] = {**info, "row": pruned_row}
@@ -269,7 +270,8 @@ def markdown(doc: dict) -> str:
               "specialist on the same items [paired-bootstrap 95% CI] → verdict (slmforge/evaluate/paired.py)."]
     if doc.get("prune"):
         p = doc["prune"]
-        lines += ["", f"Pruned: {p['params_before']:,} → {p['params_after']:,} parameters ({p['params_after'] / p['params_before']:.1%}); "
+        lines += ["", f"Pruned row: Δ and paired cells against {p['row'].get('compared_with', doc['specialist'])}, the model it "
+                  f"was pruned from. Pruned: {p['params_before']:,} → {p['params_after']:,} parameters ({p['params_after'] / p['params_before']:.1%}); "
                   f"intermediate_size {p['intermediate_before']} → {p['intermediate_after']}; recovery {p.get('recovery_steps', 0)} steps "
                   f"(loss {p.get('recovery_first_loss')} → {p.get('recovery_final_loss')}); transformers greedy tokens/s "
                   f"{p['tokens_per_s_unpruned']} → {p['tokens_per_s_pruned']}."]

@@ -202,7 +202,8 @@ def _merge_section(doc: dict | None) -> str:
     domain = doc["domain_benchmarks"]
     body = []
     for r in doc["candidates"] + ([doc["prune"]["row"]] if doc.get("prune") else []):
-        cells = [_td(r["name"] + (" (kept)" if r.get("chosen") else "")), _td(f"{r['domain_score']:.3f}", True),
+        label = r["name"] + (" (kept)" if r.get("chosen") else "") + (f" (Δ vs {r['compared_with']})" if r.get("compared_with") else "")
+        cells = [_td(label), _td(f"{r['domain_score']:.3f}", True),
                  _td(f"{r['domain_gain']:+.3f}", True, "better" if r["domain_gain"] > 0 else "worse" if r["domain_gain"] < 0 else "")]
         for b in domain:
             v, p = r["scores"].get(b), r["paired"].get(b)

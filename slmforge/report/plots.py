@@ -133,8 +133,10 @@ def merge_tradeoff(doc: dict) -> str | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    # y from the domain scores: a pruned row's own gain is against the model it was cut from, not the specialist
+    spec = next((r["domain_score"] for r in doc["candidates"] if r["name"] == doc.get("specialist")), None)
     for r in rows:
-        x, y = 100 * r["forgetting"], r["domain_gain"]
+        x, y = 100 * r["forgetting"], (r["domain_score"] - spec if spec is not None else r["domain_gain"])
         color = "#2ca02c" if r.get("within_limit") else "#d62728"
         ax.scatter([x], [y], s=90 if r.get("chosen") else 30, marker="s" if r.get("pruned") else "o", color=color,
                    edgecolors="black" if r.get("chosen") else "none", linewidths=1.5, zorder=3)
