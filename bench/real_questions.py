@@ -494,7 +494,9 @@ OPEN_BOOK_KEYS = ("acc_norm_open_book_base", "acc_norm_open_book_specialist", "a
 
 
 def _r(x, nd=4):
-    return [round(v, nd) for v in x] if isinstance(x, (list, tuple)) else round(x, nd) if isinstance(x, float) else x
+    if isinstance(x, (list, tuple)):
+        return [_r(v, nd) for v in x]
+    return round(x, nd) if isinstance(x, float) else x
 
 
 def _round(x):

@@ -186,7 +186,7 @@ def search(recipe: Path = RecipeArg, query: str = typer.Argument(..., help="what
     for h in hits:
         p = h.passage
         text = p.text if len(p.text) <= 400 else p.text[:400] + " …"
-        table.add_row(str(h.rank), f"{h.score:.2f}", f"{p.source} § {p.section}\n[dim]{p.id}[/dim]", text)
+        table.add_row(str(h.rank), f"{h.score:.4g}", f"{p.source} § {p.section}\n[dim]{p.id}[/dim]", text)
     results.print(table)
 
 

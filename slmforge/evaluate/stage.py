@@ -296,7 +296,7 @@ def freeze_open_book(ctx: StageContext, data_files: dict, meta: dict, questions:
             recall = recall_from_hits(hits, [r["chunk_id"] for r in rows_], (1, k, 5))
         info = {"description": SPECS[name].description, "k": k, "retrieval_recall": recall,
                 "no_passage": sum(not h for h in hits),
-                "built": f"the {bench} items, each after the top {k} passages BM25 finds for its question in the "
+                "built": f"the {bench} items, each after the top {k} passages the {ctx.recipe.index.retriever} retriever finds for its question in the "
                          "training + held-out documents"}
         path = ctx.path(BENCHMARKS) / benchmark_file(name)
         atomic_write_jsonl(path, opened)
