@@ -163,8 +163,11 @@ def test_pruned_model_keeps_important_channels_loads_trains_and_exports(tmp_path
     assert torch.isfinite(pruned(input_ids=ids, labels=ids).loss)
 
     recipe = build_recipe({"name": "t", "documents": str(tmp_path), "run_dir": str(tmp_path / "runs"), "base_model": str(src)})
-    result = recover(tmp_path / "pruned", tmp_path / "work", texts * 4, cfg, recipe)
+    cfg.recovery_domain_ratio = 0.5
+    result = recover(tmp_path / "pruned", tmp_path / "work", texts * 4, cfg, recipe, general=general * 4)
     assert result["recovery_steps"] == 1 and result["intermediate_saved"] == info["intermediate_after"]
+    mixed = result["recovery_mixture"]  # recovery replays general text beside the domain's, as DAPT does
+    assert mixed["domain_blocks"] == 1 and mixed["general_blocks"] == 1
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32)
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, pruned.model.layers[0].mlp.up_proj.weight)
     _gguf_roundtrip(tmp_path / "pruned", converter, tmp_path)
