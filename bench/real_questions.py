@@ -228,31 +228,23 @@ def _env() -> dict:
             "SLMFORGE_QUIET": "1"}
 
 
-def build(recipe: Path, runs: Path, overrides: list[str], log_path: Path) -> float:
-    cmd = [sys.executable, "-m", "slmforge.cli", "build", str(recipe), "--set", f"run_dir={runs}"]
-    for item in BUILD_OVERRIDES:
-        cmd += ["--set", item]
+def slmforge(command: str, recipe: Path, runs: Path, overrides, log_path: Path, mode: str = "w") -> float:
+    """`slmforge <command> RECIPE --set run_dir=RUNS --set ...` in its own process, output to log_path (mode "a" adds to
+    it); exits with the log's end when it fails. Returns its wall-clock seconds."""
+    cmd = [sys.executable, "-m", "slmforge.cli", command, str(recipe), "--set", f"run_dir={runs}"]
     for item in overrides:
         cmd += ["--set", item]
     start = time.perf_counter()
-    with log_path.open("w", encoding="utf-8") as fh:
+    with log_path.open(mode, encoding="utf-8") as fh:
         code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env()).returncode
     if code != 0:
-        sys.exit(f"build failed ({' '.join(cmd)}), exit {code}; the end of {log_path}:\n"
+        sys.exit(f"{command} failed ({' '.join(cmd)}), exit {code}; the end of {log_path}:\n"
                  f"{log_path.read_text(encoding='utf-8', errors='replace')[-3000:]}")
     return time.perf_counter() - start
 
 
-def run_stage(stage: str, recipe: Path, run_dir: Path, overrides: list[str], log_path: Path) -> None:
-    """`slmforge <stage>` on an existing run (its earlier stages as they are); cached by slmforge like every stage."""
-    cmd = [sys.executable, "-m", "slmforge.cli", stage, str(recipe), "--set", f"run_dir={run_dir.parent}"]
-    for item in overrides:
-        cmd += ["--set", item]
-    with log_path.open("a", encoding="utf-8") as fh:
-        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env()).returncode
-    if code != 0:
-        sys.exit(f"{stage} failed ({' '.join(cmd)}), exit {code}; the end of {log_path}:\n"
-                 f"{log_path.read_text(encoding='utf-8', errors='replace')[-3000:]}")
+def build(recipe: Path, runs: Path, overrides: list[str], log_path: Path) -> float:
+    return slmforge("build", recipe, runs, [*BUILD_OVERRIDES, *overrides], log_path)
 
 
 def stage_seconds(run_dir: Path) -> dict[str, float]:
@@ -434,10 +426,11 @@ def merge_candidates(run_dir: Path, recipe: Path, rows: list[dict], base: list[d
     log_path = work / "merge.log"
     log_path.write_text("")
     overrides = [*MERGE_OVERRIDES, f"eval.models=[base, {stage}]", *(args.set or [])]
-    for name in ("eval", "merge"):
+    for name in ("eval", "merge"):  # on the run as it is (its earlier stages untouched); cached like every stage
         log(f"[{run_dir.name}] slmforge {name} (log: {log_path})")
-        run_stage(name, recipe, run_dir, overrides, log_path)
+        slmforge(name, recipe, run_dir.parent, overrides, log_path, mode="a")
     doc = json.loads((run_dir / "merge" / "candidates.json").read_text())
+    seed = json.loads((run_dir / "merge" / "manifest.json").read_text())["seed"]
     acc = lambda xs: [s["acc_norm"] for s in xs]  # noqa: E731
     out = {"chosen": doc["chosen"], "reason": doc["reason"], "max_forgetting": doc["max_forgetting"],
            "domain_benchmarks": doc["domain_benchmarks"], "items": doc["benchmarks"], "candidates": {}}
@@ -453,8 +446,7 @@ def merge_candidates(run_dir: Path, recipe: Path, rows: list[dict], base: list[d
             config = json.dumps(row["config"], sort_keys=True)
             if not (recorded.is_file() and recorded.read_text() == config and (folder / "config.json").is_file()):
                 log(f"[{run_dir.name}] merging {name} again from the stage's recorded configuration")
-                run_merge(row["config"], folder, str(run_dir / stage / "model"),
-                          json.loads((run_dir / "merge" / "manifest.json").read_text())["seed"])
+                run_merge(row["config"], folder, str(run_dir / stage / "model"), seed)
                 recorded.write_text(config)
             scores, seconds = score_model(str(folder), rows, None, args.batch_size, work / "score_cache")
             log(f"[{run_dir.name}] {name} scored in {seconds:.0f} s")
@@ -495,13 +487,12 @@ OPEN_BOOK_KEYS = ("acc_norm_open_book_base", "acc_norm_open_book_specialist", "a
 
 
 def _r(x, nd=4):
+    """Floats rounded, inside lists and dicts too."""
+    if isinstance(x, dict):
+        return {k: _r(v, nd) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_r(v, nd) for v in x]
     return round(x, nd) if isinstance(x, float) else x
-
-
-def _round(x):
-    return {k: _round(v) for k, v in x.items()} if isinstance(x, dict) else _r(x)
 
 
 def print_table(results: dict) -> None:
@@ -627,7 +618,7 @@ def main() -> None:
     keys = RESULT_KEYS + (OPEN_BOOK_KEYS if args.open_book else ()) + (SERVED_KEYS if args.served else ())
     if args.merge:
         keys += ("merge",)
-    print("RESULT " + json.dumps({"domains": {n: {k: _round(r[k]) for k in keys} for n, r in results.items()}}))
+    print("RESULT " + json.dumps({"domains": {n: {k: _r(r[k]) for k in keys} for n, r in results.items()}}))
 
 
 if __name__ == "__main__":

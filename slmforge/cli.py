@@ -22,11 +22,16 @@ SetOpt = typer.Option(None, "--set", help="override a recipe field, e.g. --set c
 ForceOpt = typer.Option(False, "--force", help="rerun even when inputs and settings are unchanged")
 
 
+def _error(err: BaseException, label: str = "error", **print_options) -> None:
+    """`label: message` in red, the message printed as written (not rich markup: `manuals[v2]` keeps its brackets)."""
+    console.print(f"[red]{label}:[/red] {escape(str(err))}", highlight=False, **print_options)
+
+
 def _load(recipe: Path, overrides: list[str] | None):
     try:
         return load_recipe(recipe, overrides or [])
     except RecipeError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", markup=True, highlight=False)
+        _error(err)
         raise typer.Exit(2) from None
 
 
@@ -39,7 +44,7 @@ def _check_models(recipe, stages: list[str]) -> None:
         if art.INGEST in stages and recipe.ingest.tokenizer != "base":
             check_model(recipe.ingest.tokenizer, "ingest.tokenizer")
     except ModelError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        _error(err, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -81,7 +86,7 @@ def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None
         try:
             outcome = run.execute(stage, recipe, force=force, notes=build.notes(name) if build else None)
         except (RecipeError, FileNotFoundError, RuntimeError, ValueError) as err:
-            console.print(f"[red]error in stage {name}:[/red] {escape(str(err))}", highlight=False)
+            _error(err, f"error in stage {name}")
             raise typer.Exit(1) from None
         if build:
             build.finished(name, time.time() - started, outcome.skipped)
@@ -107,7 +112,7 @@ def _prepare_build(recipe, run: RunDir):
     try:
         return prepare(recipe, run, say=lambda msg: console.print(msg, highlight=False))
     except (ModelError, RecipeError, OSError, RuntimeError, ValueError) as err:
-        console.print(f"[red]error while probing this machine for the build plan:[/red] {escape(str(err))}", highlight=False)
+        _error(err, "error while probing this machine for the build plan")
         raise typer.Exit(1) from None
 
 
@@ -248,7 +253,7 @@ def serve(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt,
     try:
         run_server(_load(recipe, overrides))
     except (ServeError, ModelError) as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        _error(err)
         raise typer.Exit(1) from None
 
 

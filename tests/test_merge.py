@@ -36,7 +36,7 @@ def _scored(correct: list[int], ppl: float) -> dict:
 
 
 def test_a_pruned_row_is_compared_with_the_model_it_was_cut_from():
-    from slmforge.merge.stage import candidate_rows
+    from slmforge.merge.stage import candidate_rows, pruned_candidate_row
 
     n = 40
     scored = {"dpo (unmerged)": _scored([1] * 10 + [0] * 30, 20.0),  # 0.25
@@ -45,11 +45,12 @@ def test_a_pruned_row_is_compared_with_the_model_it_was_cut_from():
               "pruned(linear-0.50)": _scored([1] * 28 + [0] * 12, 22.0)}  # 0.70: pruning cost 0.05
     assert len(scored["base"]["items"]["mcq"]) == n
     vs_spec = candidate_rows(scored, "dpo (unmerged)", ["mcq"], 0, only=["pruned(linear-0.50)"])[0]
-    vs_kept = candidate_rows(scored, "linear-0.50", ["mcq"], 0, only=["pruned(linear-0.50)"])[0]
+    vs_kept = pruned_candidate_row(scored, "pruned(linear-0.50)", "linear-0.50", ["mcq"], 0, max_forgetting=0.05)
     assert vs_spec["domain_gain"] == pytest.approx(0.45)  # merging and pruning mixed together
     assert vs_kept["domain_gain"] == pytest.approx(-0.05)  # pruning alone
     assert vs_kept["paired"]["mcq"]["diff"] == pytest.approx(-0.05)
     assert vs_kept["forgetting"] == pytest.approx(0.10)  # forgetting stays against the base
+    assert vs_kept["compared_with"] == "linear-0.50" and vs_kept["pruned"] and not vs_kept["within_limit"]
 
 
 def test_choice_rule_when_nothing_is_within_the_limit():

@@ -142,6 +142,11 @@ def _items_seconds(cfg, fig: Figures, kind: str, n: int) -> float:
     return n * (PROMPT_TOKENS[kind] * g.prefill_token_s + cfg.max_new_tokens.get(kind, 32) * g.decode_step_s / cfg.batch_size)
 
 
+def doc_questions(cfg, facts: dict) -> int:
+    """Questions the held-out documents ask: as many as they gave last time when known, at most eval.doc_questions."""
+    return min(cfg.doc_questions, facts.get("doc_questions", cfg.doc_questions))
+
+
 def eval_seconds(recipe, fig: Figures, facts: dict) -> float:
     """Predicted eval stage: every scored model x (its setup + every benchmark item), plus building the benchmarks."""
     cfg = recipe.eval
@@ -150,7 +155,7 @@ def eval_seconds(recipe, fig: Figures, facts: dict) -> float:
     per_model += cfg.perplexity_words * TOKENS_PER_WORD * fwd
     if cfg.general:
         per_model += (cfg.general_mcq_items * 4 * GENERAL_MCQ_TOKENS + cfg.general_text_words * TOKENS_PER_WORD) * fwd
-    questions = facts.get("questions", 0) + min(cfg.doc_questions, facts.get("doc_questions", cfg.doc_questions))
+    questions = facts.get("questions", 0) + doc_questions(cfg, facts)
     per_model += _items_seconds(cfg, fig, "questions", questions)
     teacher = 0.0
     if cfg.teacher and cfg.teacher_chunks and recipe.generate.teacher.backend == "transformers" and fig.generate:
@@ -173,7 +178,7 @@ def merge_seconds(recipe, fig: Figures, facts: dict) -> float:
     merge.prune, the importance pass, the recovery steps and one more scoring."""
     cfg, ev = recipe.merge, recipe.eval
     fwd = fig.train["fp32"].forward_token_s
-    items = {"questions": facts.get("questions", 0), "doc_questions": min(ev.doc_questions, facts.get("doc_questions", ev.doc_questions))}
+    items = {"questions": facts.get("questions", 0), "doc_questions": doc_questions(ev, facts)}
     per_model = fig.load_s + EVAL_MODEL_SETUP_S + ev.general_text_words * TOKENS_PER_WORD * fwd
     per_model += sum(_items_seconds(ev, fig, b, min(cfg.max_items, items.get(b, ev.items.get(b, 0)))) for b in cfg.benchmarks)
     n = merge_models(recipe)

@@ -99,10 +99,7 @@ class MergeStage(Stage):
             info = prune_and_recover(ctx, model_dir, ctx.scratch / "pruned", cfg.prune, recipe)
             pruned_name = f"pruned({chosen})"
             scored[pruned_name] = bench.score(pruned_name, str(model_dir))
-            # against the model it was cut from (the kept candidate), so the cells measure pruning alone, not merging too
-            pruned_row = candidate_rows(scored, chosen, bench.domain, recipe.seed, only=[pruned_name])[0]
-            pruned_row.update(chosen=False, within_limit=pruned_row["forgetting"] is not None
-                              and pruned_row["forgetting"] <= cfg.max_forgetting, pruned=True, compared_with=chosen)
+            pruned_row = pruned_candidate_row(scored, pruned_name, chosen, bench.domain, recipe.seed, cfg.max_forgetting)
             info["tokens_per_s_pruned"] = tokens_per_second(str(model_dir))
             info["tokens_per_s_unpruned"] = tokens_per_second(models[chosen])
             doc["prune"] = {**info, "row": pruned_row}
@@ -238,6 +235,16 @@ def candidate_rows(scored: dict[str, dict], specialist: str, domain: list[str], 
             "seconds": scored[n].get("seconds"),
         })
     return out
+
+
+def pruned_candidate_row(scored: dict[str, dict], pruned: str, source: str, domain: list[str], seed: int,
+                         max_forgetting: float) -> dict:
+    """The pruned model's row, compared with `source`, the model it was cut from (the kept candidate), so its cells
+    measure pruning alone, not merging too; forgetting stays against the base."""
+    row = candidate_rows(scored, source, domain, seed, only=[pruned])[0]
+    row.update(chosen=False, within_limit=row["forgetting"] is not None and row["forgetting"] <= max_forgetting,
+               pruned=True, compared_with=source)
+    return row
 
 
 def _domain_score(scored: dict, domain: list[str]) -> float:
