@@ -238,6 +238,15 @@ class LoraSettings(Section):
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="module names, or 'all-linear'")
 
 
+class SelectionConfig(Section):
+    """What a training stage trains on when its steps cover only part of its data (slmforge/train/selection.py)."""
+
+    method: Literal["random", "loss"] = Field("random", description="random = a seeded random share; loss = the "
+                                              "candidates the start model predicts worst (S2L / LLKD: what it does not know yet)")
+    pool: float = Field(4.0, ge=1, description="loss: candidates scored, as a multiple of the tokens the stage trains on "
+                        "(a seeded random pool; every candidate when the data is smaller)")
+
+
 class TrainSection(Section):
     """Settings shared by the three training stages (DAPT, SFT, DPO)."""
 
@@ -274,6 +283,7 @@ class DaptConfig(TrainSection):
     upsample_ratio: float = Field(1.0, gt=0, le=1, description="domain share during the final upsampling phase")
     lr_schedule: Literal["wsd", "cosine", "linear", "constant"] = Field("wsd", description="wsd = warmup-stable-decay")
     decay_ratio: float = Field(0.2, gt=0, lt=1, description="share of steps in the decay phase (wsd)")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="which domain texts the steps cover")
 
 
 class SftConfig(TrainSection):
@@ -284,6 +294,8 @@ class SftConfig(TrainSection):
                               "drills (cloze, mcq) do not drown the open answers (qa, summary)")
     kind_caps: dict[str, int] = Field(default_factory=dict, description="per-kind caps that replace max_per_kind for "
                                       "those kinds, e.g. {raft: 0} keeps every retrieval-reading row (0 = all)")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="which of the capped rows the steps "
+                                       "cover (each kind keeps its share of tokens)")
 
 
 class DpoConfig(TrainSection):

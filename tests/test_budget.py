@@ -150,6 +150,18 @@ def test_predicted_training_seconds_follow_the_figures(demo):
     assert planner.train_seconds("dapt", demo, FIG) > expected + replay
 
 
+def test_loss_selection_is_planned_as_a_forward_pass_over_its_pool(demo):
+    plain = planner.train_seconds("sft", demo, FIG)
+    demo.sft.selection.method = "loss"
+    cfg = demo.sft
+    pool = cfg.selection.pool * cfg.max_steps * cfg.batch_size * cfg.max_length  # tokens scored
+    assert planner.train_seconds("sft", demo, FIG) == pytest.approx(plain + FIG.load_s + pool * FIG.train["bf16"].forward_token_s)
+    before = planner.make_plan(demo, FIG, FACTS, 1200)
+    demo.dapt.selection.method = "loss"
+    after = planner.make_plan(demo, FIG, FACTS, 1200)
+    assert after.fits and after.scale <= before.scale  # the scoring comes out of the training steps
+
+
 def test_eval_prediction_counts_items_models_and_the_questions_found(demo):
     full = planner.eval_seconds(demo, FIG, FACTS)
     assert planner.eval_seconds(demo, FIG, {**FACTS, "doc_questions": 4}) < full  # the held-out pages gave 4 last time

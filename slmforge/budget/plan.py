@@ -99,6 +99,9 @@ def train_seconds(stage: str, recipe, fig: Figures) -> float:
     if stage == "dapt" and cfg.general_dataset is None and (cfg.domain_ratio < 1 or cfg.upsample_ratio < 1) and fig.generate:
         g = fig.generation(8)  # self-synthesized replay, batches of 8 (train/mixture.py)
         seconds += math.ceil(cfg.replay_samples / 8) * (cfg.replay_max_new_tokens * g.decode_step_s + 8 * 40 * g.prefill_token_s)
+    if stage in ("dapt", "sft") and cfg.selection.method == "loss":  # scoring a pool of candidates, forward only
+        trained = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.max_length * (cfg.domain_ratio if stage == "dapt" else 1)
+        seconds += fig.load_s + cfg.selection.pool * trained * fig.train[prec].forward_token_s
     if stage == "dpo" and cfg.precompute_ref:  # reference log-probs of every pair used, forward only
         pairs = cfg.max_steps * cfg.batch_size * cfg.grad_accum
         seconds += pairs * 2 * cfg.max_length * fig.train[prec].forward_token_s

@@ -55,6 +55,9 @@ class DaptStage(TrainingStage):
             counts["general_texts"] = len(general)
         n_blocks = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world_size(cfg)
         targets = mixture.plan(n_blocks, cfg.domain_ratio, cfg.upsample_last, cfg.upsample_ratio)
+        if cfg.selection.method == "loss":
+            domain, counts["selection"] = select_texts(domain, counts["domain_chunks"], tok, model_path, cfg,
+                                                       round(sum(targets)) * cfg.max_length, seed)
         blocks, mix_counts = mixture.mix(mixture.pack(domain, tok, cfg.max_length),
                                          mixture.pack(general, tok, cfg.max_length) if general else [], targets, seed)
         data = ctx.scratch / f"blocks-{hash_obj(blocks)[:12]}.jsonl"
@@ -69,6 +72,21 @@ class DaptStage(TrainingStage):
             rows.insert(1, ("dapt: domain share (tokens)", f"{counts.get('domain_share_tokens', 1.0):.0%} "
                                                           f"(replay: {counts.get('general_source', 'none')})"))
         return rows
+
+
+def select_texts(texts: list[str], n_chunks: int, tok, model_path: str, cfg: DaptConfig, tokens: int,
+                 seed: int) -> tuple[list[str], dict]:
+    """selection: loss — the domain texts the start model predicts worst, filling the domain tokens of the mixture
+    (`tokens`); curated chunks (the first `n_chunks`) and generated texts keep their shares."""
+    from slmforge.train import selection
+
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    examples = [(x[: cfg.max_length], [1] * min(len(x), cfg.max_length)) for x in ids]
+    groups = ["chunk" if i < n_chunks else "generated" for i in range(len(texts))]
+    keep, counts = selection.select_by_loss(
+        [len(x) for x in ids], groups, tokens, cfg.selection.pool, seed,
+        lambda idx: selection.score_with(model_path, [examples[i] for i in idx], cfg, "dapt"))
+    return [texts[i] for i in keep], counts
 
 
 def lr_schedule(cfg: DaptConfig) -> dict:

@@ -8,7 +8,8 @@ import re
 from slmforge.artifacts import SFT, SFT_ROWS
 from slmforge.recipe import SftConfig
 from slmforge.run import StageContext
-from slmforge.train.arguments import triton_lm_head
+from slmforge.train import selection
+from slmforge.train.arguments import triton_lm_head, world_size
 from slmforge.train.stage import FineTuneStage
 
 ROLES = {"system", "user", "assistant"}
@@ -68,13 +69,39 @@ class SftStage(FineTuneStage):
 
     def run(self, ctx: StageContext) -> None:
         rows = [r.model_dump(mode="json", exclude_unset=True) for r in ctx.read(SFT_ROWS)]
-        good = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
-                for r in balance_kinds([r for r in rows if valid_conversation(r)], ctx.recipe.sft.max_per_kind, ctx.recipe.seed,
-                                      ctx.recipe.sft.kind_caps)]
-        if not good:
+        cfg = ctx.recipe.sft
+        capped = balance_kinds([r for r in rows if valid_conversation(r)], cfg.max_per_kind, ctx.recipe.seed, cfg.kind_caps)
+        if not capped:
             raise ValueError(f"{ctx.run.path(SFT_ROWS)}: no usable conversations (rows need 'messages': [{{role, content}}, ...] "
                              "with an assistant reply)")
-        self.train_rows(ctx, good, {"conversations": len(good), "skipped_rows": len(rows) - len(good)})
+        counts = {"conversations": len(capped), "skipped_rows": len(rows) - len(capped)}
+        if cfg.selection.method == "loss":
+            capped, counts["selection"] = select_rows(capped, self.start_model(ctx), cfg, ctx.recipe.seed)
+            counts["conversations"] = len(capped)
+        good = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]} for r in capped]
+        self.train_rows(ctx, good, counts)
+
+
+def select_rows(rows: list[dict], model_path: str, cfg: SftConfig, seed: int) -> tuple[list[dict], dict]:
+    """selection: loss — the rows whose assistant tokens the start model predicts worst, filling the tokens the steps
+    train on (packed: steps x global batch x max_length; unpacked: that many rows), each kind keeping its share."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    template = training_chat_template(tok) if cfg.assistant_only_loss else tok.chat_template
+    examples = []
+    for r in rows:  # scored as trained: the assistant tokens (TRL's mask), or the whole conversation
+        enc = tok.apply_chat_template(r["messages"], chat_template=template, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=cfg.assistant_only_loss)
+        ids = enc["input_ids"][: cfg.max_length]
+        examples.append((ids, enc["assistant_masks"][: cfg.max_length] if cfg.assistant_only_loss else [1] * len(ids)))
+    global_rows = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world_size(cfg)
+    sizes = [len(ids) for ids, _ in examples] if cfg.packing else [1] * len(examples)
+    tokens = global_rows * (cfg.max_length if cfg.packing else 1)
+    keep, counts = selection.select_by_loss(
+        sizes, [r.get("kind", "") for r in rows], tokens, cfg.selection.pool, seed,
+        lambda idx: selection.score_with(model_path, [examples[i] for i in idx], cfg, "sft"))
+    return [rows[i] for i in keep], counts
 
 
 def make_trainer(model, tok, dataset, kwargs: dict, cfg: SftConfig):
