@@ -286,6 +286,17 @@ class DaptConfig(TrainSection):
     selection: SelectionConfig = Field(default_factory=SelectionConfig, description="which domain texts the steps cover")
 
 
+class ContextDistillConfig(Section):
+    """The start model with the source passage in its prompt teaches it without (slmforge/train/distill.py)."""
+
+    enabled: bool = False
+    kinds: list[str] = Field(default_factory=lambda: ["qa"], description="SFT row kinds distilled (their chunk's text "
+                             "goes before the question in the teacher's prompt)")
+    weight: float = Field(1.0, ge=0, description="KL(teacher || student) per answer token, added to the cross-entropy")
+    top_k: int = Field(16, ge=1, le=256, description="teacher log-probs kept per token (renormalised over them)")
+    passage_words: int = Field(300, ge=10, description="the chunk is cut to this many words in the teacher's prompt")
+
+
 class SftConfig(TrainSection):
     learning_rate: float = Field(5e-5, gt=0)
     packing: bool = Field(True, description="BFD packing, padding-free, no attention across examples")
@@ -296,6 +307,7 @@ class SftConfig(TrainSection):
                                       "those kinds, e.g. {raft: 0} keeps every retrieval-reading row (0 = all)")
     selection: SelectionConfig = Field(default_factory=SelectionConfig, description="which of the capped rows the steps "
                                        "cover (each kind keeps its share of tokens)")
+    context_distill: ContextDistillConfig = Field(default_factory=ContextDistillConfig)
 
 
 class DpoConfig(TrainSection):

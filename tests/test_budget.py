@@ -160,6 +160,9 @@ def test_loss_selection_is_planned_as_a_forward_pass_over_its_pool(demo):
     demo.dapt.selection.method = "loss"
     after = planner.make_plan(demo, FIG, FACTS, 1200)
     assert after.fits and after.scale <= before.scale  # the scoring comes out of the training steps
+    demo.sft.context_distill.enabled = True  # the teacher's forward pass over each capped qa row, passage included
+    assert planner.train_seconds("sft", demo, FIG) > planner.train_seconds("sft", demo.model_copy(
+        update={"sft": demo.sft.model_copy(update={"context_distill": demo.sft.context_distill.model_copy(update={"enabled": False})})}), FIG)
 
 
 def test_eval_prediction_counts_items_models_and_the_questions_found(demo):

@@ -30,6 +30,7 @@ MCQ_TOKENS, GENERAL_MCQ_TOKENS, QUESTION_PROMPT_TOKENS = 150, 100, 40
 PROMPT_TOKENS = {"cloze": 120, "qa": 200, "summary": 350}
 TEACHER_INSTRUCTION_TOKENS = 80
 PLANNED_TRAIN = ("dapt", "sft", "dpo")
+DISTILL_ROWS_UNCAPPED = 1000  # context-distilled rows of a kind without a cap (the plan cannot count the rows)
 
 
 class Plan(BaseModel):
@@ -102,6 +103,10 @@ def train_seconds(stage: str, recipe, fig: Figures) -> float:
     if stage in ("dapt", "sft") and cfg.selection.method == "loss":  # scoring a pool of candidates, forward only
         trained = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.max_length * (cfg.domain_ratio if stage == "dapt" else 1)
         seconds += fig.load_s + cfg.selection.pool * trained * fig.train[prec].forward_token_s
+    if stage == "sft" and cfg.context_distill.enabled:  # the teacher reads passage + question + answer once per row
+        dc = cfg.context_distill
+        rows = sum(cfg.kind_caps.get(k, cfg.max_per_kind) or DISTILL_ROWS_UNCAPPED for k in dc.kinds)
+        seconds += fig.load_s + rows * (dc.passage_words * TOKENS_PER_WORD + QUESTION_PROMPT_TOKENS * 2) * fig.train[prec].forward_token_s
     if stage == "dpo" and cfg.precompute_ref:  # reference log-probs of every pair used, forward only
         pairs = cfg.max_steps * cfg.batch_size * cfg.grad_accum
         seconds += pairs * 2 * cfg.max_length * fig.train[prec].forward_token_s

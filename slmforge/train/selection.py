@@ -17,10 +17,11 @@ from __future__ import annotations
 import random
 
 
-def example_losses(model, examples: list[tuple[list[int], list[int]]], *, batch_tokens: int = 4096,
-                   bf16: bool = False, description: str | None = None) -> list[float]:
-    """Mean next-token loss over the scored positions of each (input_ids, mask) example (mask 1 = scored token).
-    Longest first, in padded batches of about `batch_tokens`; one progress bar when `description` is given."""
+def forward_batches(model, examples: list[tuple[list[int], list[int]]], *, batch_tokens: int = 4096, bf16: bool = False,
+                    description: str | None = None):
+    """Yields (indexes, log-probs, targets, scored) per padded batch of (input_ids, mask) examples, longest first:
+    log-probs (batch, length - 1, vocab) fp32 of each next token, targets the tokens they predict, scored the positions
+    whose target is a scored token (mask 1). One progress bar when `description` is given."""
     import torch
 
     from slmforge.console import track
@@ -31,7 +32,6 @@ def example_losses(model, examples: list[tuple[list[int], list[int]]], *, batch_
     while i < len(order):
         batches.append(order[i: i + max(1, batch_tokens // max(2, len(examples[order[i]][0])))])
         i += len(batches[-1])
-    out = [float("nan")] * len(examples)
     model.eval()
     for batch in (track(batches, description) if description else batches):
         width = max(2, max(len(examples[j][0]) for j in batch))
@@ -45,11 +45,20 @@ def example_losses(model, examples: list[tuple[list[int], list[int]]], *, batch_
             scored[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-        target = scored[:, 1:] & attn[:, 1:].bool()  # position p predicts token p + 1; the first token is never scored
+        # position p predicts token p + 1; the first token is never scored
+        yield batch, logits.float().log_softmax(-1), ids[:, 1:], scored[:, 1:] & attn[:, 1:].bool()
+
+
+def example_losses(model, examples: list[tuple[list[int], list[int]]], *, batch_tokens: int = 4096,
+                   bf16: bool = False, description: str | None = None) -> list[float]:
+    """Mean next-token loss over the scored positions of each (input_ids, mask) example (mask 1 = scored token)."""
+    out = [float("nan")] * len(examples)
+    for batch, logp, targets, scored in forward_batches(model, examples, batch_tokens=batch_tokens, bf16=bf16,
+                                                        description=description):
+        nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
         for row, j in enumerate(batch):
-            n = int(target[row].sum())
-            out[j] = float(nll[row][target[row]].sum() / n) if n else float("nan")
+            n = int(scored[row].sum())
+            out[j] = float(nll[row][scored[row]].sum() / n) if n else float("nan")
     return out
 
 
@@ -103,8 +112,8 @@ def select_by_loss(sizes: list[int], groups: list[str], tokens: int, pool: float
                           "mean_loss_scored": mean(finite), "mean_loss_kept": mean(kept_scores)}
 
 
-def score_with(model_path: str, examples: list[tuple[list[int], list[int]]], cfg, label: str) -> list[float]:
-    """`example_losses` of the stage's start model, in the stage's training precision."""
+def load_scorer(model_path: str, cfg):
+    """(the stage's start model for forward passes, whether to autocast bf16 as its training does)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -112,9 +121,10 @@ def score_with(model_path: str, examples: list[tuple[list[int], list[int]]], cfg
 
     bf16 = bool(trainer_kwargs(cfg, output_dir=".", seed=0).get("bf16"))
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    try:
-        return example_losses(model, examples, bf16=bf16, description=f"{label}: scoring candidates (selection: loss)")
-    finally:
-        del model
+    return (model.cuda() if torch.cuda.is_available() else model), bf16
+
+
+def score_with(model_path: str, examples: list[tuple[list[int], list[int]]], cfg, label: str) -> list[float]:
+    """`example_losses` of the stage's start model, in the stage's training precision."""
+    model, bf16 = load_scorer(model_path, cfg)
+    return example_losses(model, examples, bf16=bf16, description=f"{label}: scoring candidates (selection: loss)")

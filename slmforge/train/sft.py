@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 import re
 
-from slmforge.artifacts import SFT, SFT_ROWS
+from slmforge.artifacts import SFT, SFT_ROWS, TRAIN_CHUNKS
 from slmforge.recipe import SftConfig
 from slmforge.run import StageContext
-from slmforge.train import selection
+from slmforge.train import distill, selection
 from slmforge.train.arguments import triton_lm_head, world_size
 from slmforge.train.stage import FineTuneStage
 
@@ -66,6 +66,10 @@ def balance_kinds(rows: list[dict], max_per_kind: int, seed: int = 0, caps: dict
 class SftStage(FineTuneStage):
     name = SFT
     data = (SFT_ROWS,)
+    optional_data = (TRAIN_CHUNKS,)  # the passages of context distillation
+
+    def uses_for(self, recipe):
+        return self.optional_data if recipe.sft.context_distill.enabled else ()
 
     def run(self, ctx: StageContext) -> None:
         rows = [r.model_dump(mode="json", exclude_unset=True) for r in ctx.read(SFT_ROWS)]
@@ -78,7 +82,11 @@ class SftStage(FineTuneStage):
         if cfg.selection.method == "loss":
             capped, counts["selection"] = select_rows(capped, self.start_model(ctx), cfg, ctx.recipe.seed)
             counts["conversations"] = len(capped)
-        good = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]} for r in capped]
+        if cfg.context_distill.enabled:
+            passages = {c.id: c.text for c in ctx.read(TRAIN_CHUNKS)} if ctx.run.has(TRAIN_CHUNKS) else {}
+            good, counts["context_distill"] = distill.distill_rows(capped, passages, self.start_model(ctx), cfg)
+        else:
+            good = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]} for r in capped]
         self.train_rows(ctx, good, counts)
 
 
@@ -111,13 +119,20 @@ def make_trainer(model, tok, dataset, kwargs: dict, cfg: SftConfig):
         tok.chat_template = training_chat_template(tok)  # in memory only: model/ gets the base's template unchanged
     if cfg.packing:
         kwargs = {**kwargs, "include_num_input_tokens_seen": "all"}  # packed = padding-free: no pad tokens to skip
+    if distill.TEACHER_IDS in dataset.column_names:  # context distillation: rows tokenized and packed by distill.py
+        # packed already: TRL's packing flags stay off (they refuse a custom collator); ours is padding-free when packed
+        args = SFTConfig(**kwargs, max_length=cfg.max_length, packing=False, padding_free=False,
+                         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
+        return scored_positions_trainer(SFTTrainer, cfg.context_distill.weight)(
+            model=model, args=args, train_dataset=distill.prepare_dataset(dataset, cfg, args.seed), processing_class=tok,
+            data_collator=distill.collator(tok, cfg, cfg.context_distill.top_k))
     args = SFTConfig(**kwargs, max_length=cfg.max_length, packing=cfg.packing, packing_strategy="bfd",
                      assistant_only_loss=cfg.assistant_only_loss)
     trainer_class = SFTTrainer if triton_lm_head() else scored_positions_trainer(SFTTrainer)
     return trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tok)
 
 
-def scored_positions_trainer(base):
+def scored_positions_trainer(base, distill_weight: float = 0.0):
     """`base` (SFTTrainer) with a loss that runs the LM head only where a label is scored, and torch's cross-entropy.
 
     TRL's loss is a chunked log-prob LM head that never builds the (tokens x 49k vocabulary) logits: a Triton kernel on
@@ -126,6 +141,7 @@ def scored_positions_trainer(base):
     here. This projects only the scored positions (transformers' boolean `logits_to_keep`; assistant tokens with
     assistant-only loss) in the autocast dtype, with log-softmax + NLL in fp32 as transformers' own causal-LM loss does.
     The loss normalisation is TRL's (same loss and gradients within bf16 rounding; tests/test_train.py compares them).
+    Batches from distill.collator add `distill_weight` x the KL to the passage-reading teacher on the tokens that have one.
     """
     import torch
     import torch.nn.functional as F
@@ -133,14 +149,18 @@ def scored_positions_trainer(base):
     class ScoredPositionsSFTTrainer(base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = dict(inputs)
+            teacher = [inputs.pop(k, None) for k in (distill.TEACHER_IDS, distill.TEACHER_LOGP, "has_teacher")]
             labels = inputs.pop("labels")[:, 1:]  # the hidden state at position p predicts token p + 1
             scored = labels != -100
             logits = model(**inputs, use_cache=False, logits_to_keep=F.pad(scored, (0, 1))).logits  # (n_scored, vocab)
             targets = labels[scored]
             log_probs = logits.log_softmax(-1, dtype=torch.float32)  # fp32 softmax without a separate upcast copy
             n_scored = scored.sum()
-            loss = F.nll_loss(log_probs, targets, reduction="sum") / (n_scored.clamp(min=1) if num_items_in_batch is None
-                                                                       else num_items_in_batch)
+            total = F.nll_loss(log_probs, targets, reduction="sum")
+            if teacher[0] is not None:  # the teacher of the token each scored position predicts
+                t_ids, t_logp, has = (t[:, 1:][scored] for t in teacher)
+                total = total + distill_weight * distill.kl_term(log_probs, t_ids, t_logp, has)
+            loss = total / (n_scored.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as TRL: DDP averages the gradients across ranks
             with torch.no_grad():  # TRL's metrics, less entropy: two more passes over the logits, ~4% of a step here
