@@ -40,8 +40,8 @@ def test_teacher_columns_hold_the_passage_reading_models_top_k_on_the_answer_tok
     assert counts["rows"] == 1 and counts["skipped"]["no_passage"] == 1  # the cloze row is not a distilled kind
     first = rows[0]
     answer = [i for i, lab in enumerate(first["labels"]) if lab != -100]
-    assert [i for i, t in enumerate(first[distill.TEACHER_IDS]) if t] == answer
-    assert not any(rows[1][distill.TEACHER_IDS]) and not any(rows[2][distill.TEACHER_IDS])
+    assert [i for i, t in enumerate(first[distill.TEACHER_IDS]) if t[0] >= 0] == answer
+    assert all(t == [-1] for r in rows[1:] for t in r[distill.TEACHER_IDS])
     # the stored top-1 is what the model predicts for that answer token with the passage before the question
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -56,7 +56,7 @@ def test_teacher_columns_hold_the_passage_reading_models_top_k_on_the_answer_tok
 def test_sft_with_context_distillation_moves_the_student_toward_the_teacher(tmp_path, tiny_model):
     recipe, run = make_run(tmp_path, tiny_model, sft={"enabled": True, **TINY_TRAIN, "max_length": 256, "learning_rate": 3e-3,
                                                      "precision": "fp32", "context_distill": {"enabled": True, "weight": 1.0}})
-    run.adopt(art.GENERATE, {art.SFT_ROWS: ROWS[:1] * 8})
+    run.adopt(art.GENERATE, {art.SFT_ROWS: ROWS[2:] + ROWS[:1] * 8})  # the first row has no teacher
     outcome = run.execute(sft.SftStage(), recipe)
     counts = outcome.manifest["counts"]
     assert counts["steps"] == 4 and counts["context_distill"]["rows"] == 8
@@ -70,9 +70,9 @@ def test_sft_with_context_distillation_moves_the_student_toward_the_teacher(tmp_
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         with torch.no_grad():
             logp = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].log_softmax(-1)
-        has = torch.tensor([bool(t) for t in row[distill.TEACHER_IDS][1:]])
-        ids = torch.tensor([t or [0] * 16 for t in row[distill.TEACHER_IDS][1:]])
-        lp = torch.tensor([t or [0.0] * 16 for t in row[distill.TEACHER_LOGP][1:]])
+        has = torch.tensor([t[0] >= 0 for t in row[distill.TEACHER_IDS][1:]])
+        ids = torch.tensor([t if t[0] >= 0 else [0] * 16 for t in row[distill.TEACHER_IDS][1:]])
+        lp = torch.tensor([t if len(t) == 16 else [0.0] * 16 for t in row[distill.TEACHER_LOGP][1:]])
         return float(distill.kl_term(logp, ids, lp, has))
 
     assert kl_to_teacher(run.stage_dir("sft") / "model") < kl_to_teacher(tiny_model)

@@ -21,6 +21,9 @@ from slmforge.recipe import SftConfig
 from slmforge.train import selection
 
 TEACHER_IDS, TEACHER_LOGP = "teacher_ids", "teacher_logp"
+# a token without a teacher: one placeholder, never an empty list, so every block of the JSONL the training job reads
+# (datasets infers types per block) holds ints and floats and the column types agree
+NO_TEACHER = ([-1], [0.0])
 
 
 def teacher_prompt(passage: str, question: str) -> str:
@@ -35,7 +38,7 @@ def tokenized(tok, messages: list[dict], template: str) -> tuple[list[int], list
 
 
 def distill_rows(rows: list[dict], passages: dict[str, str], model_path: str, cfg: SftConfig) -> tuple[list[dict], dict]:
-    """The SFT rows tokenized (input_ids, labels) with per-token teacher columns (k ids, k log-probs; empty where the
+    """The SFT rows tokenized (input_ids, labels) with per-token teacher columns (k ids, k log-probs; NO_TEACHER where the
     token has no teacher), and the counts for the manifest."""
     from transformers import AutoTokenizer
 
@@ -50,7 +53,7 @@ def distill_rows(rows: list[dict], passages: dict[str, str], model_path: str, cf
         ids, mask = tokenized(tok, msgs, template)
         ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
         out.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)],
-                    TEACHER_IDS: [[] for _ in ids], TEACHER_LOGP: [[] for _ in ids]})
+                    TEACHER_IDS: [NO_TEACHER[0]] * len(ids), TEACHER_LOGP: [NO_TEACHER[1]] * len(ids)})
         if r.get("kind") not in dc.kinds or len(msgs) != 2 or msgs[0]["role"] != "user":
             continue
         passage = passages.get(r.get("chunk_id", ""))
@@ -114,7 +117,8 @@ def collator(tok, cfg: SftConfig, k: int):
         def torch_call(self, examples):
             teacher = [(e.pop(TEACHER_IDS), e.pop(TEACHER_LOGP)) for e in examples]
             out = super().torch_call(examples)
-            seqs = [[(ids or [0] * k, lp or [0.0] * k, bool(ids)) for ids, lp in zip(*t)] for t in teacher]
+            seqs = [[(ids, lp, True) if ids[0] >= 0 else ([0] * k, [0.0] * k, False) for ids, lp in zip(*t)]
+                    for t in teacher]
             if self.padding_free:
                 seqs = [[x for s in seqs for x in s]]
             width = out["input_ids"].shape[1]
