@@ -71,15 +71,21 @@ def distill_rows(rows: list[dict], passages: dict[str, str], model_path: str, cf
         teachers.append((len(out) - 1, s_pos, t_pos, t_ids[: t_pos[-1] + 1]))
     if teachers:
         model, bf16 = selection.load_scorer(model_path, cfg)
-        examples = [(t_ids, [1] * len(t_ids)) for _, _, _, t_ids in teachers]  # every position's distribution is read
-        for batch, logp, _, _ in selection.forward_batches(model, examples, batch_tokens=2048, bf16=bf16,
-                                                           description="sft: context-distillation teacher (passage in the prompt)"):
-            top = logp.topk(dc.top_k, dim=-1)
+        examples = []
+        for _, _, t_pos, t_ids in teachers:  # the answer tokens are the scored ones: only they need the LM head
+            mask = [0] * len(t_ids)
+            for t in t_pos:
+                mask[t] = 1
+            examples.append((t_ids, mask))
+        for batch, logp, _, rows in selection.forward_batches(model, examples, batch_tokens=2048, bf16=bf16,
+                                                              description="sft: context-distillation teacher (passage in the prompt)"):
+            top = logp.topk(dc.top_k, dim=-1)  # one row per answer token, in order (the answer tokens are scored)
             for row, j in enumerate(batch):
-                index, s_pos, t_pos, _ = teachers[j]
-                for s, t in zip(s_pos, t_pos):  # logits at t - 1 predict the answer token at t
-                    out[index][TEACHER_IDS][s] = top.indices[row, t - 1].tolist()
-                    out[index][TEACHER_LOGP][s] = [round(x, 4) for x in top.values[row, t - 1].tolist()]
+                index, s_pos, _, _ = teachers[j]
+                mine = (rows == row).nonzero().flatten().tolist()
+                for s, m in zip(s_pos, mine):  # the distribution predicting the student's answer token s
+                    out[index][TEACHER_IDS][s] = top.indices[m].tolist()
+                    out[index][TEACHER_LOGP][s] = [round(x, 4) for x in top.values[m].tolist()]
         del model
     return out, {"rows": len(teachers), "tokens": sum(len(t[1]) for t in teachers), "top_k": dc.top_k,
                  "weight": dc.weight, "skipped": skipped}

@@ -19,10 +19,13 @@ import random
 
 def forward_batches(model, examples: list[tuple[list[int], list[int]]], *, batch_tokens: int = 4096, bf16: bool = False,
                     description: str | None = None):
-    """Yields (indexes, log-probs, targets, scored) per padded batch of (input_ids, mask) examples, longest first:
-    log-probs (batch, length - 1, vocab) fp32 of each next token, targets the tokens they predict, scored the positions
-    whose target is a scored token (mask 1). One progress bar when `description` is given."""
+    """Yields (indexes, log-probs, targets, rows) per padded batch of (input_ids, mask) examples, longest first, for
+    the scored positions only (those predicting a token whose mask is 1), in row-major order: log-probs (n, vocab) fp32
+    of the next token, targets (n,) the tokens they predict, rows (n,) the batch row of each. Only those positions go
+    through the LM head (transformers' boolean `logits_to_keep`), as SFT's scored-positions loss does: the 49k-word head
+    over every prompt and passage token costs more than the model body. One progress bar when `description` is given."""
     import torch
+    import torch.nn.functional as F
 
     from slmforge.console import track
 
@@ -43,22 +46,25 @@ def forward_batches(model, examples: list[tuple[list[int], list[int]]], *, batch
             ids[row, : len(tokens)] = torch.tensor(tokens)
             attn[row, : len(tokens)] = 1
             scored[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
         # position p predicts token p + 1; the first token is never scored
-        yield batch, logits.float().log_softmax(-1), ids[:, 1:], scored[:, 1:] & attn[:, 1:].bool()
+        keep = scored[:, 1:] & attn[:, 1:].bool()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=F.pad(keep, (0, 1))).logits
+        rows = torch.arange(len(batch), device=device)[:, None].expand_as(keep)[keep]
+        yield batch, logits.float().log_softmax(-1), ids[:, 1:][keep], rows
 
 
 def example_losses(model, examples: list[tuple[list[int], list[int]]], *, batch_tokens: int = 4096,
                    bf16: bool = False, description: str | None = None) -> list[float]:
     """Mean next-token loss over the scored positions of each (input_ids, mask) example (mask 1 = scored token)."""
     out = [float("nan")] * len(examples)
-    for batch, logp, targets, scored in forward_batches(model, examples, batch_tokens=batch_tokens, bf16=bf16,
-                                                        description=description):
-        nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
+    for batch, logp, targets, rows in forward_batches(model, examples, batch_tokens=batch_tokens, bf16=bf16,
+                                                      description=description):
+        nll = -logp.gather(-1, targets[:, None]).squeeze(-1)
         for row, j in enumerate(batch):
-            n = int(scored[row].sum())
-            out[j] = float(nll[row][scored[row]].sum() / n) if n else float("nan")
+            mine = rows == row
+            n = int(mine.sum())
+            out[j] = float(nll[mine].sum() / n) if n else float("nan")
     return out
 
 
