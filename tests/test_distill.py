@@ -45,7 +45,7 @@ def test_teacher_columns_hold_the_passage_reading_models_top_k_on_the_answer_tok
     # the stored top-1 is what the model predicts for that answer token with the passage before the question
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    t_ids, t_mask = distill.tokenized(tok, [{"role": "user", "content": distill.teacher_prompt(PASSAGE, ROWS[0]["messages"][0]["content"])},
+    t_ids, t_mask = sft.conversation_tokens(tok, [{"role": "user", "content": distill.teacher_prompt(PASSAGE, ROWS[0]["messages"][0]["content"])},
                                             ROWS[0]["messages"][1]], sft.training_chat_template(tok))
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([t_ids])).logits[0]

@@ -30,19 +30,12 @@ def teacher_prompt(passage: str, question: str) -> str:
     return f"{passage.strip()}\n\n{question}"
 
 
-def tokenized(tok, messages: list[dict], template: str) -> tuple[list[int], list[int]]:
-    """(input_ids, assistant mask) as TRL's SFT tokenization makes them (assistant-only loss)."""
-    enc = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
-    return list(enc["input_ids"]), list(enc["assistant_masks"])
-
-
 def distill_rows(rows: list[dict], passages: dict[str, str], model_path: str, cfg: SftConfig) -> tuple[list[dict], dict]:
     """The SFT rows tokenized (input_ids, labels) with per-token teacher columns (k ids, k log-probs; NO_TEACHER where the
     token has no teacher), and the counts for the manifest."""
     from transformers import AutoTokenizer
 
-    from slmforge.train.sft import training_chat_template
+    from slmforge.train.sft import conversation_tokens, training_chat_template
 
     dc = cfg.context_distill
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -50,9 +43,10 @@ def distill_rows(rows: list[dict], passages: dict[str, str], model_path: str, cf
     out, teachers, skipped = [], [], {"no_passage": 0, "answer_tokens_differ": 0}
     for r in rows:
         msgs = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
-        ids, mask = tokenized(tok, msgs, template)
+        ids, mask = conversation_tokens(tok, msgs, template)
         ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
-        out.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)],
+        # labels as TRL makes them: the assistant tokens, or every token with sft.assistant_only_loss false
+        out.append({"input_ids": ids, "labels": [t if m or not cfg.assistant_only_loss else -100 for t, m in zip(ids, mask)],
                     TEACHER_IDS: [NO_TEACHER[0]] * len(ids), TEACHER_LOGP: [NO_TEACHER[1]] * len(ids)})
         if r.get("kind") not in dc.kinds or len(msgs) != 2 or msgs[0]["role"] != "user":
             continue
@@ -61,7 +55,7 @@ def distill_rows(rows: list[dict], passages: dict[str, str], model_path: str, cf
             skipped["no_passage"] += 1
             continue
         words = passage.split()
-        t_ids, t_mask = tokenized(tok, [{"role": "user", "content": teacher_prompt(" ".join(words[: dc.passage_words]),
+        t_ids, t_mask = conversation_tokens(tok, [{"role": "user", "content": teacher_prompt(" ".join(words[: dc.passage_words]),
                                                                                    msgs[0]["content"])}, msgs[1]], template)
         s_pos = [i for i, m in enumerate(mask) if m]
         t_pos = [i for i, m in enumerate(t_mask) if m][: len(s_pos)]
@@ -94,8 +88,6 @@ def distill_rows(rows: list[dict], passages: dict[str, str], model_path: str, cf
 def kl_term(log_probs, teacher_ids, teacher_logp, has_teacher):
     """Summed KL(teacher top-k, renormalised || student at those k tokens) over the positions with a teacher.
     log_probs (n, vocab) fp32 student log-probs; teacher_ids / teacher_logp (n, k); has_teacher (n,) bool."""
-    import torch
-
     if not bool(has_teacher.any()):
         return log_probs.new_zeros(())
     q_log = teacher_logp[has_teacher].float().log_softmax(-1)  # renormalised over the teacher's top k
@@ -103,8 +95,9 @@ def kl_term(log_probs, teacher_ids, teacher_logp, has_teacher):
     return (q_log.exp() * (q_log - p_log)).sum()
 
 
-def prepare_dataset(dataset, cfg: SftConfig, seed: int):
-    """The tokenized rows packed (TRL's pack_dataset, best-fit decreasing, every per-token column alike) or truncated."""
+def prepare_dataset(dataset, cfg: SftConfig):
+    """The tokenized rows (already cut to max_length) packed with TRL's pack_dataset (best-fit decreasing, every
+    per-token column alike) when sft.packing is on."""
     from trl.data_utils import pack_dataset
 
     dataset = dataset.select_columns(["input_ids", "labels", TEACHER_IDS, TEACHER_LOGP])

@@ -68,29 +68,27 @@ def example_losses(model, examples: list[tuple[list[int], list[int]]], *, batch_
     return out
 
 
-def candidate_pool(sizes: list[int], tokens: int, pool: float, seed: int) -> list[int]:
-    """Indexes of a seeded random sample of the candidates holding about `pool` x `tokens` tokens (all when fewer)."""
-    order = list(range(len(sizes)))
-    random.Random(seed).shuffle(order)
+def _fill(order, sizes: list[int], tokens: float) -> list[int]:
+    """The candidates taken in `order` until they hold `tokens` tokens (the last one may overrun); in index order."""
     out, total = [], 0
     for i in order:
-        if total >= pool * tokens:
-            break
-        out.append(i)
-        total += sizes[i]
-    return sorted(out)
-
-
-def top_until(scores: dict[int, float], sizes: list[int], tokens: float) -> list[int]:
-    """The highest-scored candidates (ties and NaN last, by index) until they hold `tokens` tokens; in index order."""
-    ranked = sorted(scores, key=lambda i: (-(scores[i] if scores[i] == scores[i] else float("-inf")), i))
-    out, total = [], 0
-    for i in ranked:
         if total >= tokens:
             break
         out.append(i)
         total += sizes[i]
     return sorted(out)
+
+
+def candidate_pool(sizes: list[int], tokens: int, pool: float, seed: int) -> list[int]:
+    """Indexes of a seeded random sample of the candidates holding about `pool` x `tokens` tokens (all when fewer)."""
+    order = list(range(len(sizes)))
+    random.Random(seed).shuffle(order)
+    return _fill(order, sizes, pool * tokens)
+
+
+def top_until(scores: dict[int, float], sizes: list[int], tokens: float) -> list[int]:
+    """The highest-scored candidates (ties and NaN last, by index) until they hold `tokens` tokens; in index order."""
+    return _fill(sorted(scores, key=lambda i: (-(scores[i] if scores[i] == scores[i] else float("-inf")), i)), sizes, tokens)
 
 
 def select_by_loss(sizes: list[int], groups: list[str], tokens: int, pool: float, seed: int, score) -> tuple[list[int], dict]:

@@ -39,6 +39,15 @@ def training_chat_template(tok) -> str | None:
                          "set sft.assistant_only_loss=false to train on whole conversations") from None
 
 
+def conversation_tokens(tok, messages: list[dict], template: str, assistant_only: bool = True) -> tuple[list[int], list[int]]:
+    """(input_ids, mask of the trained tokens) as TRL's SFT tokenization makes them: the assistant tokens (`template`
+    must carry generation markers, see training_chat_template), or every token."""
+    enc = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=assistant_only)
+    ids = list(enc["input_ids"])
+    return ids, list(enc["assistant_masks"]) if assistant_only else [1] * len(ids)
+
+
 def valid_conversation(row) -> bool:
     msgs = row.get("messages") if isinstance(row, dict) else None
     return (isinstance(msgs, list) and len(msgs) >= 2
@@ -99,10 +108,8 @@ def select_rows(rows: list[dict], model_path: str, cfg: SftConfig, seed: int) ->
     template = training_chat_template(tok) if cfg.assistant_only_loss else tok.chat_template
     examples = []
     for r in rows:  # scored as trained: the assistant tokens (TRL's mask), or the whole conversation
-        enc = tok.apply_chat_template(r["messages"], chat_template=template, tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=cfg.assistant_only_loss)
-        ids = enc["input_ids"][: cfg.max_length]
-        examples.append((ids, enc["assistant_masks"][: cfg.max_length] if cfg.assistant_only_loss else [1] * len(ids)))
+        ids, mask = conversation_tokens(tok, r["messages"], template, cfg.assistant_only_loss)
+        examples.append((ids[: cfg.max_length], mask[: cfg.max_length]))
     global_rows = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world_size(cfg)
     sizes = [len(ids) for ids, _ in examples] if cfg.packing else [1] * len(examples)
     tokens = global_rows * (cfg.max_length if cfg.packing else 1)
@@ -124,7 +131,7 @@ def make_trainer(model, tok, dataset, kwargs: dict, cfg: SftConfig):
         args = SFTConfig(**kwargs, max_length=cfg.max_length, packing=False, padding_free=False,
                          remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
         return scored_positions_trainer(SFTTrainer, cfg.context_distill.weight)(
-            model=model, args=args, train_dataset=distill.prepare_dataset(dataset, cfg, args.seed), processing_class=tok,
+            model=model, args=args, train_dataset=distill.prepare_dataset(dataset, cfg), processing_class=tok,
             data_collator=distill.collator(tok, cfg, cfg.context_distill.top_k))
     args = SFTConfig(**kwargs, max_length=cfg.max_length, packing=cfg.packing, packing_strategy="bfd",
                      assistant_only_loss=cfg.assistant_only_loss)
