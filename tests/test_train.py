@@ -399,16 +399,16 @@ def test_world_size_is_the_accelerate_configs_num_processes(tmp_path):
         arguments.world_size(DaptConfig(processes=2, accelerate_config=config))
 
 
-def test_fsdp_config_on_cpu_runs_ddp_matching_one_process_resumes_and_exports_full_weights(tmp_path, tiny_model, monkeypatch, capfd):
-    """The shipped examples/accelerate/fsdp-8gpu.yaml, resized to 2 CPU processes: accelerate applies FSDP only on GPUs
-    (accelerate/state.py), so this runs DDP over gloo. The stage says so (a warning naming the config, `distributed: ddp`
-    in the manifest), sizes its data to the config's 2 processes (not `processes: 1`), trains with 1 process's loss
-    curve on the same global batch, exports full weights, and a run resumed from its step-2 checkpoint ends with the
-    uninterrupted run's weights.
+def test_fsdp2_config_on_cpu_shards_matches_one_process_resumes_and_exports_full_weights(tmp_path, tiny_model, monkeypatch, capfd):
+    """The shipped examples/accelerate/fsdp-8gpu.yaml, resized to 2 CPU processes, runs FSDP2 over gloo (torch's
+    fully_shard; accelerate's own FSDP2 path, which slmforge enables on CPU: job.enable_fsdp2_on_cpu). Each rank holds
+    half of the parameters and writes its own shard of every checkpoint; the stage sizes its data to the config's 2
+    processes (not `processes: 1`), trains with 1 process's loss curve on the same global batch, exports the gathered
+    full weights, and a run resumed from its sharded step-2 checkpoint ends with the uninterrupted run's weights.
 
     Tolerances as the fp32 DDP test: fp32 sums over 2 processes in another order, losses within 1e-4 and weights within
-    1e-4 and 1% of the training update (measured ~1e-6 and ~1e-7). With the data sized to `processes` (1) instead, half
-    the blocks were written, the second epoch reshuffled them from step 3, and the losses were 2e-2 apart at step 4."""
+    1e-4 and 1% of the training update. With the data sized to `processes` (1) instead, half the blocks were written,
+    the second epoch reshuffled them from step 3, and the losses were 2e-2 apart at step 4."""
     from slmforge.train import job as train_job
 
     general = tmp_path / "general.jsonl"
@@ -438,9 +438,9 @@ def test_fsdp_config_on_cpu_runs_ddp_matching_one_process_resumes_and_exports_fu
         results[name] = (_weights(run.stage_dir("dapt") / "model"), json.loads((run.stage_dir("dapt") / "log_history.json").read_text()),
                          outcome.manifest["counts"])
     (w1, log1, c1), (w2, log2, c2) = results["one"], results["fsdp"]
-    assert (c1["processes"], c1["distributed"]) == (1, "none") and (c2["processes"], c2["distributed"]) == (2, "ddp")
-    said = "".join(capfd.readouterr().err.split())  # rich folds long lines (and paths) at the terminal width
-    assert f"{fsdp_yaml}asksforFSDP,butacceleraterunsDDPonCPUhere" in said and "manifestrecordsdistributed:ddp" in said
+    assert (c1["processes"], c1["distributed"], c1["rank0_parameter_share"]) == (1, "none", 1.0)
+    assert (c2["processes"], c2["distributed"]) == (2, "fsdp2") and 0.45 < c2["rank0_parameter_share"] < 0.55, c2
+    assert "butacceleraterunsDDP" not in "".join(capfd.readouterr().err.split())  # no "not sharded" warning
     assert sum(1 for _ in open(kept[True] / "data.jsonl")) == sum(1 for _ in open(kept[False] / "data.jsonl")) == 16  # 4 x 4
     losses1, losses2 = [h["loss"] for h in log1 if "loss" in h], [h["loss"] for h in log2 if "loss" in h]
     assert len(losses1) == len(losses2) == 4
@@ -448,14 +448,17 @@ def test_fsdp_config_on_cpu_runs_ddp_matching_one_process_resumes_and_exports_fu
     assert sorted(w2) == sorted(w1) and all(w2[k].shape == w1[k].shape for k in w1)  # the full weights
     weight_diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     update = max((w1[k] - before[k]).abs().max().item() for k in before)
-    print(f"FSDP config on CPU (DDP), 2 vs 1 process: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e} "
+    print(f"FSDP2 on CPU, 2 vs 1 process: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e} "
           f"(update {update:.2e}); losses {losses1} vs {losses2}")
     assert update > 1e-4  # it trained
     assert loss_diff < 1e-4 and weight_diff < 1e-4 and weight_diff < 0.01 * update
 
-    # resume: as if the run had been killed after its step-2 checkpoint (DDP's: model.safetensors + optimizer.pt)
+    # resume: as if the run had been killed after its step-2 checkpoint (FSDP2's sharded one: a torch.distributed
+    # .checkpoint folder each for the model and the optimizer, one file per rank)
     ckpt = kept[True]
-    assert (ckpt / "checkpoint-2" / "optimizer.pt").is_file(), sorted(p.name for p in ckpt.rglob("*"))
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        shards = sorted(p.name for p in (ckpt / "checkpoint-2" / part).glob("*.distcp"))
+        assert len(shards) == 2, (part, sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*")))
     shutil.rmtree(ckpt / "checkpoint-4")
     (ckpt / "result.json").unlink()
     spec = json.loads((ckpt / "job.json").read_text())
@@ -463,10 +466,10 @@ def test_fsdp_config_on_cpu_runs_ddp_matching_one_process_resumes_and_exports_fu
     (tmp_path / "resumed").mkdir()
     train_job.launch(spec, train_job.SECTIONS["dapt"].model_validate(spec["config"]), ckpt)
     resumed = json.loads((ckpt / "result.json").read_text())
-    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4 and resumed["distributed"] == "ddp"
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4 and resumed["distributed"] == "fsdp2"
     w3 = _weights(tmp_path / "resumed" / "model")
     resume_diff = max((w2[k] - w3[k]).abs().max().item() for k in w2)
-    print(f"FSDP config on CPU (DDP), resumed from step 2 vs uninterrupted: max weight diff {resume_diff:.2e}")
+    print(f"FSDP2 on CPU, resumed from step 2 vs uninterrupted: max weight diff {resume_diff:.2e}")
     assert resume_diff < 1e-5
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def run_job(job: dict) -> dict:
     trainer = _trainer_factory(job["kind"])(model, tok, dataset, trainer_kwargs(cfg, output_dir, job["seed"]), cfg)
     trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout; the progress callback prints a tidy line instead
     trainer.add_callback(progress_callback(f"{job['kind']} steps"))
+    enable_fsdp2_on_cpu(trainer)
     distributed = distributed_kind(trainer.accelerator)
     requested = _requested_kind(cfg)
     if requested and not distributed.startswith(requested) and trainer.is_world_process_zero():
@@ -61,6 +63,8 @@ def run_job(job: dict) -> dict:
     seconds = time.time() - started
     state = trainer.state
     summary = {}
+    rank0_share = _local_parameter_share(trainer.model)
+    train_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: KiB; before the gather below
     full_state = trainer.accelerator.get_state_dict(trainer.model) if sharded else None  # a collective: every rank
     if trainer.is_world_process_zero():
         save_outputs(trainer, tok, job["model"], out, cfg.method == "lora", job["kind"], state_dict=full_state)
@@ -77,6 +81,8 @@ def run_job(job: dict) -> dict:
             "tokens_per_s": round(session_tokens / seconds, 1) if seconds > 0 else None,
             "processes": int(os.environ.get("WORLD_SIZE", "1")),
             "distributed": distributed,  # what ran, read back from accelerate: none, ddp, fsdp2, fsdp1, deepspeed
+            "rank0_parameter_share": rank0_share,  # of the model's parameters held by rank 0: 1.0 unless sharded
+            "rank0_train_peak_rss_mb": train_peak_mb,  # this process's memory high-water mark while it trained
             "method": cfg.method,
             "device": device_defaults()["device"],
             "bf16_autocast": bool(trainer.args.bf16),
@@ -84,6 +90,34 @@ def run_job(job: dict) -> dict:
         atomic_write_json(output_dir / "result.json", summary)
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+def enable_fsdp2_on_cpu(trainer) -> bool:
+    """Run an FSDP2 accelerate config as FSDP2 on CPU processes too. torch's FSDP2 (`fully_shard`) shards over gloo on
+    CPU, but accelerate 1.15 sets FSDP only for GPU-like device types (accelerate/state.py, AcceleratorState.__init__:
+    CPU processes are MULTI_CPU and the FSDP plugin is dropped). So, when `accelerate launch` was given an FSDP2
+    config (its ACCELERATE_USE_FSDP / FSDP_* environment) and the processes are CPU ones, this builds accelerate's
+    own plugin from that environment, as Accelerator.__init__ does, and switches the shared state to FSDP before the
+    Trainer prepares the model. From there everything is accelerate's and TRL's own FSDP2 path: `fully_shard` per
+    the wrap policy, sharded checkpoints through torch.distributed.checkpoint, the full state dict gathered at the
+    end. Called after the Trainer is built and before it trains; True when it switched. FSDP1 stays DDP on CPU
+    (its CPU support is not maintained upstream), as does DeepSpeed (it needs an accelerator)."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator = trainer.accelerator
+    if accelerator.distributed_type != DistributedType.MULTI_CPU or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` set from the config
+    if plugin.fsdp_version != 2:
+        return False
+    if accelerator.state.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    # both shared states: every AcceleratorState() made later copies PartialState's fields over its own
+    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True  # what Trainer.create_accelerator_and_postprocess derives from the state's plugin
+    return True
 
 
 def distributed_kind(accelerator) -> str:
@@ -118,6 +152,15 @@ def _warn_not_sharded(cfg, requested: str, distributed: str, device: str) -> Non
                   f"runs {distributed.upper()} on {device.upper()} here (it applies FSDP and DeepSpeed only on GPUs). "
                   "Nothing is sharded: every process holds the whole model, its gradients and optimizer state; the "
                   f"manifest records distributed: {distributed}.", highlight=False)
+
+
+def _local_parameter_share(model) -> float:
+    """The share of the model's parameter elements this rank holds (FSDP2's DTensors hold a shard each)."""
+    total = local = 0
+    for p in model.parameters():
+        total += p.numel()
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return round(local / total, 4) if total else 1.0
 
 
 def _tokens_at(log_history: list[dict], step: int) -> int:
@@ -178,13 +221,15 @@ def save_outputs(trainer, tok, source: str, out: Path, lora: bool, kind: str, st
     """The stage's model (complete; LoRA merged), adapter (LoRA), log history and tensorboard events into its out folder.
     `state_dict`: the full weights gathered from the ranks when training sharded them (FSDP, DeepSpeed ZeRO-3)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if state_dict is not None:
+        model = _plain_copy(model, state_dict)
     if lora:
         model.save_pretrained(out / adapter(kind).name)
         tok.save_pretrained(out / adapter(kind).name)
         model = model.merge_and_unload()
     model.config.use_cache = True  # the Trainer turns the KV cache off for training; generation wants it back
     folder = out / trained_model(kind).name
-    model.save_pretrained(folder, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+    model.save_pretrained(folder, safe_serialization=True)
     # the source's own tokenizer files: the chat template on disk stays the base's (training-only markers never leak)
     from transformers import AutoTokenizer
 
@@ -195,5 +240,22 @@ def save_outputs(trainer, tok, source: str, out: Path, lora: bool, kind: str, st
         shutil.copytree(runs, out / tensorboard(kind).name, dirs_exist_ok=True)
 
 
+def _plain_copy(model, state_dict: dict):
+    """An unsharded copy of a sharded model holding the gathered full weights. Under FSDP2 the trained model's
+    parameters stay DTensors on every rank, and save_pretrained on rank 0 alone touches them (tied-weight checks),
+    which waits on a collective the other ranks never join. Rank 0 holds the full weights once more while it saves."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(state_dict.values())).dtype)
+    missing, unexpected = plain.load_state_dict(state_dict, strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or {})
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"the gathered weights do not fit {type(plain).__name__}: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+    plain.tie_weights()
+    return plain
+
+
 if __name__ == "__main__":  # the entry point `accelerate launch -m slmforge.train.job job.json` runs on every rank
     run_job(json.loads(Path(sys.argv[1]).read_text()))
+
