@@ -25,8 +25,12 @@ For each dev domain this bench
 
 It prints a readable table and ends with exactly one line
     RESULT {"domains": {NAME: {"n", "acc_norm_base", "acc_norm_specialist", "acc_norm_diff", "acc_norm_diff_ci95",
-                               "answer_ppl_base", "answer_ppl_specialist", "lexical_reference", "build_s"}}}
+                               "answer_ppl_base", "answer_ppl_specialist", "lexical_reference",
+                               "general_ppl_base", "general_ppl_specialist", "general_ppl_change_pct",
+                               "general_ppl_change_pct_ci95", "build_s"}}}
 lexical_reference is the no-model word-overlap accuracy (the option sharing most content words with the question).
+general_ppl_* is forgetting: word perplexity on the eval stage's general-text paragraphs (52 MMLU explanations, not
+domain text, never trained on), base vs specialist, the change in percent with a paired bootstrap 95% CI.
 
 Usage:
     python bench/real_questions.py                              # r and debian
@@ -323,6 +327,61 @@ def score_model(spec: str, rows: list[dict], contexts, batch_size: int, cache: P
     return scored, seconds
 
 
+GENERAL_TEXT = REPO / "slmforge" / "evaluate" / "data" / "general_text.jsonl"  # the eval stage's general_ppl texts
+
+
+def general_text_nll(spec: str, cache: Path | None = None) -> list[list[float]]:
+    """[[summed NLL, words, tokens] per paragraph] of the general-text paragraphs the eval stage's forgetting check
+    uses (52 MMLU explanations, slmforge/evaluate/data/README.md), each scored whole after the tokenizer's BOS (or EOS)
+    token, as lm-eval's loglikelihood_rolling does for texts this short; cached by model content and texts."""
+    import torch
+
+    texts = [json.loads(line)["text"] for line in GENERAL_TEXT.read_text(encoding="utf-8").splitlines() if line.strip()]
+    key = hashlib.sha256(json.dumps({"model": model_identity(spec), "texts": texts, "v": 1,
+                                     "torch": _version("torch")}).encode()).hexdigest()[:24]
+    cached = cache / f"general-{key}.json" if cache else None
+    if cached and cached.is_file():
+        return json.loads(cached.read_text())
+    from slmforge.models import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm(spec), load_tokenizer(spec)
+    model.eval()
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = [prefix] + tok(text, add_special_tokens=False)["input_ids"]
+            x = torch.tensor([ids])
+            logp = torch.log_softmax(model(x).logits[0, :-1].float(), dim=-1)
+            nll = -logp.gather(1, x[0, 1:, None]).sum().item()
+            out.append([nll, len(text.split()), len(ids) - 1])
+    del model
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(cached)
+    return out
+
+
+def general_perplexity(base: list[list[float]], spec: list[list[float]], iters: int = 2000, seed: int = 0) -> dict:
+    """Word perplexity of both models on the general text (exp of summed NLL over summed words, lm-eval's
+    word_perplexity) and the specialist's change in percent, with a paired bootstrap 95% CI over paragraphs."""
+    import math
+    import random
+
+    def ppl(rows, idx):
+        return math.exp(sum(rows[i][0] for i in idx) / sum(rows[i][1] for i in idx))
+
+    n, rng = len(base), random.Random(seed)
+    everything = range(n)
+    change = lambda idx: 100.0 * (ppl(spec, idx) / ppl(base, idx) - 1.0)  # noqa: E731
+    boots = sorted(change([rng.randrange(n) for _ in everything]) for _ in range(iters))
+    return {"general_ppl_base": ppl(base, everything), "general_ppl_specialist": ppl(spec, everything),
+            "general_ppl_change_pct": change(everything),
+            "general_ppl_change_pct_ci95": [boots[int(0.025 * iters)], boots[min(iters - 1, int(0.975 * iters))]]}
+
+
 def compare(rows: list[dict], base: list[dict], spec: list[dict]) -> dict:
     from slmforge.evaluate.paired import paired_diff
     from slmforge.evaluate.questions import answer_perplexity, item_nll, references
@@ -477,7 +536,8 @@ def print_merge_table(name: str, m: dict) -> None:
 
 
 RESULT_KEYS = ("n", "acc_norm_base", "acc_norm_specialist", "acc_norm_diff", "acc_norm_diff_ci95",
-               "answer_ppl_base", "answer_ppl_specialist", "lexical_reference", "build_s")
+               "answer_ppl_base", "answer_ppl_specialist", "lexical_reference", "general_ppl_base",
+               "general_ppl_specialist", "general_ppl_change_pct", "general_ppl_change_pct_ci95", "build_s")
 
 
 SERVED_KEYS = tuple(f"served_{b}_{m}" for b in ("closed", "open") for m in ("base", "specialist")) + tuple(
@@ -497,16 +557,18 @@ def _r(x, nd=4):
 
 def print_table(results: dict) -> None:
     lines = ["", "| domain | n | base acc_norm | specialist acc_norm | paired diff [95% CI], McNemar p | verdict "
-             "| answer ppl base → spec | item NLL/token diff [95% CI] | word overlap | longest | chance | build s |",
-             "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|"]
+             "| answer ppl base → spec | item NLL/token diff [95% CI] | general ppl change % [95% CI] | word overlap "
+             "| longest | chance | build s |", "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
     for name, r in results.items():
         lo, hi = r["acc_norm_diff_ci95"]
         nlo, nhi = r["answer_nll_diff_ci95"]
+        glo, ghi = r["general_ppl_change_pct_ci95"]
         lines.append(
             f"| {name} | {r['n']} | {r['acc_norm_base']:.3f} | {r['acc_norm_specialist']:.3f} "
             f"| {r['acc_norm_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], p={r['acc_norm_p_mcnemar']:.2f} "
             f"| {r['acc_norm_verdict']} | {r['answer_ppl_base']:.1f} → {r['answer_ppl_specialist']:.1f} "
             f"| {r['answer_nll_diff']:+.3f} [{nlo:+.3f}, {nhi:+.3f}] ({r['answer_nll_verdict']}) "
+            f"| {r['general_ppl_change_pct']:+.1f} [{glo:+.1f}, {ghi:+.1f}] "
             f"| {r['lexical_reference']:.3f} | {r['longest_option']:.3f} | {r['chance']:.3f} | {r['build_s']:.0f} |")
     log("\n".join(lines))
     if any("acc_norm_open_book_base" in r for r in results.values()):
@@ -562,6 +624,8 @@ def run_domain(domain: Domain, args) -> dict:
     spec, spec_s = score_model(str(model_dir), rows, None, args.batch_size, work / "score_cache")
     log(f"[{domain.name}] specialist ({stage}) scored in {spec_s:.0f} s")
     result = compare(rows, base, spec)
+    result.update(general_perplexity(general_text_nll("default", work / "score_cache"),
+                                     general_text_nll(str(model_dir), work / "score_cache")))
     if args.open_book:
         contexts, retrieval = open_book_contexts(run_dir, rows, questions)
         base_open, s1 = score_model("default", rows, contexts, args.batch_size, work / "score_cache")
@@ -598,6 +662,9 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true", help="also run eval and merge on the specialist's run and score "
                         "every merge candidate on the FAQ (paired CIs vs the unmerged specialist and the base)")
     args = parser.parse_args()
+    from slmforge.console import quiet_libraries
+
+    quiet_libraries()  # transformers' weight-loading bars, as in slmforge's own commands
     args.runs = args.runs or str(Path(args.cache) / "runs")
     names = [d.strip() for d in args.domains.split(",") if d.strip()]
     unknown = [d for d in names if d not in DOMAINS]

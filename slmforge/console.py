@@ -31,7 +31,11 @@ def quiet_libraries() -> None:
                        ("TQDM_DISABLE", "1")):
         os.environ.setdefault(var, value)
     import sys
+    import warnings
 
+    # a deprecation inside transformers that TRL's DPOTrainer triggers (transformers 5.x, trl 1.x): addressed to TRL's
+    # maintainers, not something a user of the build can act on
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if "transformers" in sys.modules:
         from transformers.utils import logging as tf_logging
 

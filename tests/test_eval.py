@@ -191,8 +191,9 @@ def test_mcq_scores_agree_with_lm_eval_cli_and_by_hand(tiny_model, tmp_path):
     assert lo <= ours["acc"]["value"] <= hi
 
 
-def test_random_items_score_at_chance(tiny_model, tmp_path):
-    """A model that cannot know the answers (random labels over random options) must land on chance, not above it."""
+def test_random_items_score_at_chance(tiny_model, tmp_path, capfd):
+    """A model that cannot know the answers (random labels over random options) must land on chance, not above it;
+    lm-eval's own progress bars stay hidden (the stage shows its own)."""
     from slmforge.evaluate.scoring import score_model
 
     items = _mcq_items(200, seed=7)
@@ -204,6 +205,8 @@ def test_random_items_score_at_chance(tiny_model, tmp_path):
         lo, hi = scores[metric]["ci"]
         assert lo <= 0.25 <= hi, (metric, scores[metric])
         assert 0.15 < scores[metric]["value"] < 0.35
+    err = capfd.readouterr().err
+    assert "Running loglikelihood requests" not in err and "| 200/200 [" not in err, err[-500:]  # requests, task docs
 
 
 # ------------------------------------------------------------------------------------------------ the stage + report

@@ -1,7 +1,7 @@
 """bench/real_questions.py: FAQ parsing per format, drop rules, the FAQ kept out of the corpus, the recipe it builds.
 
 Small inline samples shaped like each real FAQ page (R-FAQ.html from makeinfo, the Debian FAQ from DocBook XSL,
-SQLite's faq.html, git's gitfaq.txt); no network, no model.
+SQLite's faq.html, git's gitfaq.txt); no network; the general-text perplexity on the tiny test model.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.test_train import real_model_dir, tiny_model  # noqa: F401 (fixtures)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -273,4 +275,42 @@ def test_compare_pairs_items_and_reports_the_result_keys():
     assert better["answer_nll_verdict"] == "BEATS"  # lower NLL on every item
     assert abs(better["answer_ppl_base"] - 2.718281828 ** 3) < 1e-6
     assert better["lexical_reference"] == 1.0  # "option{i}" is in both the question and only its own answer
-    assert set(rq.RESULT_KEYS) - {"build_s"} <= set(better)
+    assert set(rq.RESULT_KEYS) - {"build_s"} - set(rq.general_perplexity([[1.0, 1, 1]], [[1.0, 1, 1]])) <= set(better)
+
+
+def test_general_perplexity_change_and_interval():
+    import math
+
+    base = [[2.0 * w, w, w + 1] for w in range(5, 25)]  # 2 nats per word on every paragraph
+    same = rq.general_perplexity(base, base)
+    assert abs(same["general_ppl_base"] - math.exp(2.0)) < 1e-9
+    assert same["general_ppl_change_pct"] == 0.0 and same["general_ppl_change_pct_ci95"] == [0.0, 0.0]
+    worse = rq.general_perplexity(base, [[nll + 0.1 * w, w, t] for nll, w, t in base])  # +0.1 nats per word
+    assert abs(worse["general_ppl_change_pct"] - 100 * (math.exp(0.1) - 1)) < 1e-9
+    lo, hi = worse["general_ppl_change_pct_ci95"]
+    assert 0 < lo <= worse["general_ppl_change_pct"] <= hi
+    mixed = rq.general_perplexity(base, [[nll + (0.3 if i % 2 else -0.3) * w, w, t] for i, (nll, w, t) in enumerate(base)])
+    lo, hi = mixed["general_ppl_change_pct_ci95"]
+    assert lo < 0 < hi  # half the paragraphs better, half worse: not a change the interval can tell
+
+
+def test_general_text_nll_is_the_models_own_loss_and_is_cached(tmp_path, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = rq.general_text_nll(str(tiny_model), tmp_path)
+    texts = [line for line in rq.GENERAL_TEXT.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(rows) == len(texts) == 52
+    tok, model = AutoTokenizer.from_pretrained(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    import json
+
+    text = json.loads(texts[3])["text"]
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([[prefix] + tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        mean_loss = model(ids, labels=ids).loss.item()  # HF's own shifted cross-entropy, mean over the text's tokens
+    nll, words, tokens = rows[3]
+    assert tokens == ids.shape[1] - 1 and words == len(text.split())
+    assert abs(nll - mean_loss * tokens) < 1e-3 * tokens
+    assert len(list(tmp_path.glob("general-*.json"))) == 1
+    assert rq.general_text_nll(str(tiny_model), tmp_path) == rows  # read back from the cache

@@ -22,6 +22,10 @@ TRAIN = art.TRAIN_STAGES
 # replaced by the previous build's manifests once there are some
 PER_MB = {art.INGEST: (1.0, 2.0), art.CURATE: (5.0, 10.0), art.INDEX: (0.5, 1.0), art.GENERATE: (5.0, 15.0)}
 EXPORT_S, EXPORT_PER_GGUF_S = 15.0, 25.0
+# the export stage's work (model saves, GGUF conversion, transformers dequantizing each GGUF to check it) runs at the
+# machine's speed: those seconds were timed where an fp32 training token took this long, and scale with this machine's
+REFERENCE_FP32_TOKEN_S = 0.004
+CONVERTER_FETCH_S = 60.0  # the first export on a machine downloads llama.cpp's converter (the llama-cpp-python sdist)
 
 
 def documents_mb(folder: Path) -> float:
@@ -36,6 +40,16 @@ def _rows(path: Path | None) -> int:
     return sum(1 for line in text.splitlines() if line.strip()) - (1 if Path(path).suffix == ".csv" else 0)
 
 
+def _converter_ready(spec: str) -> bool:
+    from slmforge.export import gguf
+
+    try:
+        gguf.find_converter(spec, fetch=False)
+    except gguf.ConverterMissing:
+        return False
+    return True
+
+
 def fixed_costs(recipe, run: RunDir, fig: Figures) -> dict:
     """Seconds of the stages the plan does not size: the previous build's manifests when present, else per MB."""
     mb = documents_mb(recipe.documents)
@@ -43,8 +57,12 @@ def fixed_costs(recipe, run: RunDir, fig: Figures) -> dict:
     for stage, (base, per_mb) in PER_MB.items():
         facts[stage] = base + per_mb * mb
         facts["source"][stage] = "estimate (documents MB)"
-    facts[art.EXPORT] = EXPORT_S + EXPORT_PER_GGUF_S * len(recipe.export.gguf)
-    facts["source"][art.EXPORT] = "estimate (GGUF files)"
+    speed = min(4.0, max(0.5, fig.train["fp32"].token_s / REFERENCE_FP32_TOKEN_S)) if "fp32" in fig.train else 1.0
+    facts[art.EXPORT] = (EXPORT_S + EXPORT_PER_GGUF_S * len(recipe.export.gguf)) * speed
+    facts["source"][art.EXPORT] = f"estimate (GGUF files, x{speed:.2f} this machine's speed)"
+    if recipe.export.gguf and not _converter_ready(recipe.export.llama_cpp):
+        facts[art.EXPORT] += CONVERTER_FETCH_S
+        facts["source"][art.EXPORT] += ", converter download"
     benchmarks = ((run.manifest(art.EVAL) or {}).get("counts") or {}).get("benchmarks") or {}
     if benchmarks:  # how many questions the held-out documents gave last time (at most eval.doc_questions)
         facts["doc_questions"] = int(benchmarks.get("doc_questions", 0))
@@ -178,7 +196,8 @@ def prepare(recipe, run: RunDir, say=print):
         resolved = planner.apply(resolved, plan.settings)
         planned = plan.predicted
         record.update(budget_s=recipe.budget, plan=plan.model_dump(mode="json"), facts=facts)
-        shown = ", ".join(f"{k} {v}" for k, v in plan.settings.items() if k != "eval.items")
+        shown = ", ".join(f"{k} {'+'.join(v) if isinstance(v, list) else v}" for k, v in plan.settings.items()
+                          if k != "eval.items")
         if "eval.items" in plan.settings:
             shown += f", eval items {sum(plan.settings['eval.items'].values())}"
         say(f"  budget {_fmt(recipe.budget)}: probes {fig.probe_s:.0f}s{' (cached)' if fig.cached else ''}; plan ×{plan.scale:g}: "

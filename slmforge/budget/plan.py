@@ -3,8 +3,10 @@
 A pure function (no clock, no files), so it is tested on fixed figures. The recipe's own settings give the
 proportions and the budget gives the scale: one factor s, taken from a geometric grid (steps of 2^(1/8), ~9%), scales
 the teacher's chunks (generate.max_chunks) and every enabled training stage's max_steps (rounded to the nearest multiple
-of its save_steps), and, only when s < 1, the eval items per kind. The largest s whose predicted build fits
-budget * (1 - margin) - probe seconds wins. The grid and the rounding make the plan move only when the machine's speed
+of its save_steps), and, only when s < 1, the eval items per kind (the held-out documents' own questions too). The
+largest s whose predicted build fits budget * (1 - margin) - probe seconds wins; when even the smallest does not, eval
+scores the base and the final model only, not every stage's. Eval's prediction counts the open-book twins of the
+question benchmarks (eval.open_book), each prompt after index.k passages. The grid and the rounding make the plan move only when the machine's speed
 does; and a previous plan made from the same inputs is kept while it still fits the budget (margin included) and
 spends most of it (`KEEP`), so refined fixed-cost estimates after the first build do not rerun its stages.
 """
@@ -16,6 +18,7 @@ import math
 from pydantic import BaseModel, Field
 
 from slmforge.budget.probes import Figures
+from slmforge.evaluate.lm_eval_tasks import OPEN_BOOK
 from slmforge.run import hash_obj
 
 MARGIN = 0.10  # share of the budget left unplanned: estimates are estimates
@@ -57,15 +60,23 @@ def base_settings(recipe) -> dict:
             out[f"{stage}.max_steps"] = getattr(recipe, stage).max_steps
     if recipe.eval.enabled:
         out["eval.items"] = dict(recipe.eval.items)
+        if recipe.eval.doc_questions:
+            out["eval.doc_questions"] = recipe.eval.doc_questions
     return out
+
+
+def _eval_items(n: int, s: float) -> int:
+    """An eval item count at scale s: unchanged unless the budget is short (s < 1), never under EVAL_MIN_ITEMS."""
+    return n if n <= EVAL_MIN_ITEMS else max(EVAL_MIN_ITEMS, math.floor(n * min(1.0, s)))
 
 
 def scaled(recipe, s: float) -> dict:
     out = {}
     for field, value in base_settings(recipe).items():
         if field == "eval.items":
-            e = min(1.0, s)
-            out[field] = {k: n if n <= EVAL_MIN_ITEMS else max(EVAL_MIN_ITEMS, math.floor(n * e)) for k, n in value.items()}
+            out[field] = {k: _eval_items(n, s) for k, n in value.items()}
+        elif field == "eval.doc_questions":  # the held-out documents' own questions: a benchmark like the others
+            out[field] = _eval_items(value, s)
         elif field == "generate.max_chunks":
             out[field] = max(1, math.floor(value * s + 1e-9))
         else:
@@ -137,17 +148,21 @@ def eval_models(recipe) -> int:
     return sum(1 for m in recipe.eval.models if m == "base" or (m in PLANNED_TRAIN and getattr(recipe, m).enabled))
 
 
-def _items_seconds(cfg, fig: Figures, kind: str, n: int) -> float:
-    """Scoring n items of one benchmark kind (eval's settings `cfg`) on one model."""
+def _items_seconds(cfg, fig: Figures, kind: str, n: int, passage_tokens: float = 0.0) -> float:
+    """Scoring n items of one benchmark kind (eval's settings `cfg`) on one model; `passage_tokens` before each prompt
+    for its open-book twin (lm-eval runs an mcq prompt once per option; evaluate.questions runs a question's prompt
+    once and reuses its KV cache for the options)."""
     fwd = fig.train["fp32"].forward_token_s
     if kind in ("questions", "doc_questions"):
-        return n * cfg.question_options * (cfg.question_option_words * TOKENS_PER_WORD + QUESTION_PROMPT_TOKENS) * fwd
+        return n * (cfg.question_options * (cfg.question_option_words * TOKENS_PER_WORD + QUESTION_PROMPT_TOKENS)
+                    + passage_tokens) * fwd
     if kind == "mcq":
-        return n * 4 * MCQ_TOKENS * fwd
+        return n * 4 * (MCQ_TOKENS + passage_tokens) * fwd
     if not fig.generate:
         return 0.0
     g = fig.generation(cfg.batch_size)
-    return n * (PROMPT_TOKENS[kind] * g.prefill_token_s + cfg.max_new_tokens.get(kind, 32) * g.decode_step_s / cfg.batch_size)
+    return n * ((PROMPT_TOKENS[kind] + passage_tokens) * g.prefill_token_s
+                + cfg.max_new_tokens.get(kind, 32) * g.decode_step_s / cfg.batch_size)
 
 
 def doc_questions(cfg, facts: dict) -> int:
@@ -165,6 +180,11 @@ def eval_seconds(recipe, fig: Figures, facts: dict) -> float:
         per_model += (cfg.general_mcq_items * 4 * GENERAL_MCQ_TOKENS + cfg.general_text_words * TOKENS_PER_WORD) * fwd
     questions = facts.get("questions", 0) + doc_questions(cfg, facts)
     per_model += _items_seconds(cfg, fig, "questions", questions)
+    if cfg.open_book and recipe.index.enabled:  # the `_open` twins: the same items after index.k passages each
+        passages = recipe.index.k * recipe.index.passage_words * TOKENS_PER_WORD
+        per_model += sum(_items_seconds(cfg, fig, kind, cfg.items.get(kind, 0), passages)
+                         for kind in OPEN_BOOK if kind in cfg.kinds)
+        per_model += _items_seconds(cfg, fig, "questions", questions, passages)
     teacher = 0.0
     if cfg.teacher and cfg.teacher_chunks and recipe.generate.teacher.backend == "transformers" and fig.generate:
         t = recipe.generate.teacher
@@ -227,6 +247,22 @@ def plan_inputs(recipe, fig: Figures, budget_s: float) -> str:
                      "budget": budget_s})
 
 
+def _search(recipe, fig: Figures, facts: dict, usable: float, fixed: dict) -> tuple[float, dict, dict, float]:
+    """(s, settings, predicted, total) of the largest grid scale whose predicted build fits `usable` seconds (the
+    smallest scale when none does); `fixed` planned fields are set whatever the scale."""
+    best = None
+    for k in GRID:
+        s = 2 ** (k / 8)
+        settings = {**scaled(recipe, s), **fixed}
+        predicted = predict(apply(recipe, settings), fig, facts)
+        total = sum(predicted.values())
+        if best is None or total <= usable:
+            best = (s, settings, predicted, total)
+        if total > usable:
+            break
+    return best
+
+
 def make_plan(recipe, fig: Figures, facts: dict, budget_s: float, previous: dict | None = None) -> Plan:
     """The plan for `recipe` (as written; precision already resolved) on a machine with figures `fig`."""
     usable = budget_s * (1 - MARGIN) - fig.probe_s
@@ -249,18 +285,17 @@ def make_plan(recipe, fig: Figures, facts: dict, budget_s: float, previous: dict
             return Plan(budget_s=budget_s, usable_s=round(usable, 1), scale=previous.get("scale", 1.0),
                         settings=previous["settings"], predicted=kept, predicted_total_s=round(sum(kept.values()), 1),
                         fits=True, kept_previous=True, inputs=inputs, notes=notes + ["kept the previous plan: it still fits"])
-    best = None
-    for k in GRID:
-        s = 2 ** (k / 8)
-        settings = scaled(recipe, s)
-        predicted = predict(apply(recipe, settings), fig, facts)
-        total = sum(predicted.values())
-        if best is None or total <= usable:
-            best = (s, settings, predicted, total)
-        if total > usable:
-            break
-    s, settings, predicted, total = best
+    s, settings, predicted, total = _search(recipe, fig, facts, usable, {})
     fits = total <= usable
+    stage_models = [m for m in recipe.eval.models if m in PLANNED_TRAIN and getattr(recipe, m).enabled]
+    if not fits and recipe.eval.enabled and len(stage_models) > 1:
+        # a budget too short even for the smallest plan: eval scores the base and the final model only (the build's
+        # headline), not every stage's model, before the build is let run over
+        fewer = {"eval.models": [m for m in recipe.eval.models if m == "base"] + stage_models[-1:]}
+        s, settings, predicted, total = _search(recipe, fig, facts, usable, fewer)
+        fits = total <= usable
+        notes.append(f"eval scores {' and '.join(fewer['eval.models'])} only (eval.models): with every stage's model "
+                     "scored, the smallest plan does not fit the budget")
     if not fits:
         notes.append(f"the budget is too small: the smallest plan needs {total:.0f}s of {usable:.0f}s usable "
                      "(fixed costs: ingest, curate, export, eval setup)")

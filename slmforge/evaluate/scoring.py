@@ -38,16 +38,42 @@ def _quiet_lm_eval() -> None:
         pass
 
 
+def _quiet_hflm():
+    """lm-eval's HFLM with its own progress bars off. The eval stage shows one bar of its own per model; lm-eval 0.4's
+    evaluator calls the request methods with their `disable_tqdm` left at False (the bars go to stderr even when
+    TQDM_DISABLE is set, since an explicit argument wins over tqdm's environment default), and its tasks' request
+    building has a bar with no switch at all, so both are turned off here rather than shown beside ours."""
+    import functools
+
+    import lm_eval.api.task as lm_eval_task
+    from lm_eval.models.huggingface import HFLM
+    from tqdm import tqdm
+
+    if getattr(lm_eval_task.tqdm, "func", None) is not tqdm:
+        lm_eval_task.tqdm = functools.partial(tqdm, disable=True)
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
 def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], *, batch_size: int, device: str, seed: int,
                 chat_template: bool = False) -> dict:
     """lm-eval's simple_evaluate on an already loaded model; returns its result dict (with per-item samples)."""
     offline_env()
     _quiet_lm_eval()
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = _quiet_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     return simple_evaluate(lm, tasks=tasks, task_manager=manager, log_samples=True, bootstrap_iters=0,
                            apply_chat_template=chat_template, random_seed=seed, numpy_random_seed=seed,
