@@ -21,7 +21,9 @@ For each dev domain this bench
    slmforge.evaluate.questions (distractors are other FAQ answers, options cut to 30 words, log-likelihood of
    ` {option}` after `Question: {q}\\nAnswer:`), closed-book: the model sees the question only. The paired
    difference of acc_norm (per-token normalised accuracy) has a paired-bootstrap 95% CI and an exact McNemar p
-   (slmforge.evaluate.paired); the gold answer's perplexity is compared per item too (NLL per token).
+   (slmforge.evaluate.paired); the gold answer's perplexity is compared per item too (NLL per token). Per-item
+   scores go to <cache>/<domain>/scores/<specialist's content hash>/scores.json (open_book.json beside it), so
+   the arms of an ablation keep their own.
 
 It prints a readable table and ends with exactly one line
     RESULT {"domains": {NAME: {"n", "acc_norm_base", "acc_norm_specialist", "acc_norm_diff", "acc_norm_diff_ci95",
@@ -624,6 +626,8 @@ def run_domain(domain: Domain, args) -> dict:
     spec, spec_s = score_model(str(model_dir), rows, None, args.batch_size, work / "score_cache")
     log(f"[{domain.name}] specialist ({stage}) scored in {spec_s:.0f} s")
     result = compare(rows, base, spec)
+    scores_dir = work / "scores" / model_identity(str(model_dir))[:16]  # one folder per specialist: arms never overwrite
+    scores_dir.mkdir(parents=True, exist_ok=True)
     result.update(general_perplexity(general_text_nll("default", work / "score_cache"),
                                      general_text_nll(str(model_dir), work / "score_cache")))
     if args.open_book:
@@ -632,7 +636,7 @@ def run_domain(domain: Domain, args) -> dict:
         spec_open, s2 = score_model(str(model_dir), rows, contexts, args.batch_size, work / "score_cache")
         log(f"[{domain.name}] open-book scored in {s1:.0f} s (base) and {s2:.0f} s (specialist)")
         result.update(open_book(rows, base, base_open, spec_open), **retrieval)
-        (work / "open_book.json").write_text(json.dumps({"contexts": contexts, "base": base_open, "specialist": spec_open}))
+        (scores_dir / "open_book.json").write_text(json.dumps({"contexts": contexts, "base": base_open, "specialist": spec_open}))
         if args.served:
             result.update(served(rows, contexts, model_dir, args, work))
     if args.merge:
@@ -642,7 +646,8 @@ def run_domain(domain: Domain, args) -> dict:
         result["merge"] = merge_candidates(run_dir, recipe_path, rows, base, spec, stage, args, work)
     result.update(build_s=sum(stages.values()), build_wall_s=wall, stage_s=stages, specialist=f"{stage}: {model_dir}",
                   faq=faq_counts, corpus=corpus_counts, score_s=[round(base_s, 1), round(spec_s, 1)])
-    (work / "scores.json").write_text(json.dumps({"result": result, "base": base, "specialist": spec}, indent=1))
+    (scores_dir / "scores.json").write_text(json.dumps({"result": result, "base": base, "specialist": spec}, indent=1))
+    log(f"[{domain.name}] per-item scores: {scores_dir}")
     return result
 
 

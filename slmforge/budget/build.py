@@ -21,11 +21,10 @@ TRAIN = art.TRAIN_STAGES
 # first-build estimates of the stages the plan does not size, per MB of documents (this 2-core AMX Xeon, demo corpus);
 # replaced by the previous build's manifests once there are some
 PER_MB = {art.INGEST: (1.0, 2.0), art.CURATE: (5.0, 10.0), art.INDEX: (0.5, 1.0), art.GENERATE: (5.0, 15.0)}
-EXPORT_S, EXPORT_PER_GGUF_S = 15.0, 25.0
-# the export stage's work (model saves, GGUF conversion, transformers dequantizing each GGUF to check it) runs at the
-# machine's speed: those seconds were timed where an fp32 training token took this long, and scale with this machine's
-REFERENCE_FP32_TOKEN_S = 0.004
-CONVERTER_FETCH_S = 60.0  # the first export on a machine downloads llama.cpp's converter (the llama-cpp-python sdist)
+EXPORT_S, EXPORT_PER_GGUF_S = 15.0, 25.0  # (an AVX2-only EPYC, 1.9-2.4x slower per training token, exported in 93 s too)
+# the first export on a machine downloads llama.cpp's converter (the llama-cpp-python sdist, ~75 MB) and unpacks its
+# Python part: 123 s more than the same export with it cached, on that EPYC
+CONVERTER_FETCH_S = 120.0
 
 
 def documents_mb(folder: Path) -> float:
@@ -57,9 +56,8 @@ def fixed_costs(recipe, run: RunDir, fig: Figures) -> dict:
     for stage, (base, per_mb) in PER_MB.items():
         facts[stage] = base + per_mb * mb
         facts["source"][stage] = "estimate (documents MB)"
-    speed = min(4.0, max(0.5, fig.train["fp32"].token_s / REFERENCE_FP32_TOKEN_S)) if "fp32" in fig.train else 1.0
-    facts[art.EXPORT] = (EXPORT_S + EXPORT_PER_GGUF_S * len(recipe.export.gguf)) * speed
-    facts["source"][art.EXPORT] = f"estimate (GGUF files, x{speed:.2f} this machine's speed)"
+    facts[art.EXPORT] = EXPORT_S + EXPORT_PER_GGUF_S * len(recipe.export.gguf)
+    facts["source"][art.EXPORT] = "estimate (GGUF files)"
     if recipe.export.gguf and not _converter_ready(recipe.export.llama_cpp):
         facts[art.EXPORT] += CONVERTER_FETCH_S
         facts["source"][art.EXPORT] += ", converter download"

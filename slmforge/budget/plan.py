@@ -6,9 +6,10 @@ the teacher's chunks (generate.max_chunks) and every enabled training stage's ma
 of its save_steps), and, only when s < 1, the eval items per kind (the held-out documents' own questions too). The
 largest s whose predicted build fits budget * (1 - margin) - probe seconds wins; when even the smallest does not, eval
 scores the base and the final model only, not every stage's. Eval's prediction counts the open-book twins of the
-question benchmarks (eval.open_book), each prompt after index.k passages. The grid and the rounding make the plan move only when the machine's speed
-does; and a previous plan made from the same inputs is kept while it still fits the budget (margin included) and
-spends most of it (`KEEP`), so refined fixed-cost estimates after the first build do not rerun its stages.
+question benchmarks (eval.open_book), each prompt after index.k passages. The grid and the rounding make the plan
+move only when the machine's speed does; and a previous plan made from the same inputs is kept while it still fits
+the budget (margin included) and spends most of it (`KEEP`), so refined fixed-cost estimates after the first build do
+not rerun its stages.
 """
 
 from __future__ import annotations
