@@ -322,10 +322,9 @@ def score_model(spec: str, rows: list[dict], contexts, batch_size: int, cache: P
     del model
     seconds = time.perf_counter() - start
     if cached:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"spec": spec, "seconds": seconds, "scores": scored}))
-        tmp.replace(cached)
+        from slmforge.run import atomic_write_json
+
+        atomic_write_json(cached, {"spec": spec, "seconds": seconds, "scores": scored})
     return scored, seconds
 
 
@@ -336,33 +335,26 @@ def general_text_nll(spec: str, cache: Path | None = None) -> list[list[float]]:
     """[[summed NLL, words, tokens] per paragraph] of the general-text paragraphs the eval stage's forgetting check
     uses (52 MMLU explanations, slmforge/evaluate/data/README.md), each scored whole after the tokenizer's BOS (or EOS)
     token, as lm-eval's loglikelihood_rolling does for texts this short; cached by model content and texts."""
-    import torch
-
     texts = [json.loads(line)["text"] for line in GENERAL_TEXT.read_text(encoding="utf-8").splitlines() if line.strip()]
     key = hashlib.sha256(json.dumps({"model": model_identity(spec), "texts": texts, "v": 1,
                                      "torch": _version("torch")}).encode()).hexdigest()[:24]
     cached = cache / f"general-{key}.json" if cache else None
     if cached and cached.is_file():
         return json.loads(cached.read_text())
+    from slmforge.evaluate.questions import _single_loglik  # the summed log-probability the FAQ scoring uses
     from slmforge.models import load_causal_lm, load_tokenizer
+    from slmforge.run import atomic_write_json
 
     model, tok = load_causal_lm(spec), load_tokenizer(spec)
     model.eval()
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     out = []
-    with torch.no_grad():
-        for text in texts:
-            ids = [prefix] + tok(text, add_special_tokens=False)["input_ids"]
-            x = torch.tensor([ids])
-            logp = torch.log_softmax(model(x).logits[0, :-1].float(), dim=-1)
-            nll = -logp.gather(1, x[0, 1:, None]).sum().item()
-            out.append([nll, len(text.split()), len(ids) - 1])
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        out.append([-_single_loglik(model, [prefix], ids, max_length=len(ids) + 1), len(text.split()), len(ids)])
     del model
     if cached:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out))
-        tmp.replace(cached)
+        atomic_write_json(cached, out)
     return out
 
 

@@ -7,6 +7,7 @@ samples, which its own stderr (normal approximation, none for custom metrics) do
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -38,19 +39,17 @@ def _quiet_lm_eval() -> None:
         pass
 
 
+@functools.cache  # one subclass (and one patch of lm-eval's task module) per process
 def _quiet_hflm():
     """lm-eval's HFLM with its own progress bars off. The eval stage shows one bar of its own per model; lm-eval 0.4's
     evaluator calls the request methods with their `disable_tqdm` left at False (the bars go to stderr even when
     TQDM_DISABLE is set, since an explicit argument wins over tqdm's environment default), and its tasks' request
     building has a bar with no switch at all, so both are turned off here rather than shown beside ours."""
-    import functools
-
     import lm_eval.api.task as lm_eval_task
     from lm_eval.models.huggingface import HFLM
     from tqdm import tqdm
 
-    if getattr(lm_eval_task.tqdm, "func", None) is not tqdm:
-        lm_eval_task.tqdm = functools.partial(tqdm, disable=True)
+    lm_eval_task.tqdm = functools.partial(tqdm, disable=True)
 
     class QuietHFLM(HFLM):
         def loglikelihood(self, requests, disable_tqdm: bool = False):
