@@ -213,6 +213,8 @@ class GenerateConfig(Section):
     extractive_per_chunk: int = Field(2, ge=0, description="extractive items per kind per chunk (at most)")
     user_questions: int = Field(4, ge=0, description="facts per chunk asked the way users ask (how-to, what happens if, "
                                 "what for, options), two wordings each plus a reversed form; 0 = off")
+    matching: bool = Field(True, description="DPO pairs preferring a question's own answer over another chunk's answer "
+                           "(slmforge/generate/matching.py): which answer goes with which question")
     raft: RaftConfig = Field(default_factory=RaftConfig, description="retrieval-augmented training rows "
                              "(needs the index stage)")
     teacher_kinds: list[Literal["rephrase", "qa", "mcq", "summary", "preference"]] = Field(
@@ -316,8 +318,12 @@ class DpoConfig(TrainSection):
     batch_size: int = Field(2, ge=1, description="preference pairs per device per micro-batch")
     max_length: int = Field(192, ge=16, description="prompt + completion tokens")
     beta: float = Field(0.1, gt=0)
-    loss_type: str = Field("sigmoid", description="TRL DPO loss type")
+    loss_type: str | list[str] = Field("sigmoid", description="TRL DPO loss type, or a list TRL combines (e.g. "
+                                       "[sigmoid, sft]: the chosen answers' cross-entropy beside the preference loss, RPO)")
+    loss_weights: list[float] = Field(default_factory=list, description="weights of loss_type's losses (empty = 1 each)")
     precompute_ref: bool = Field(True, description="reference log-probs computed once up front (no second model in memory)")
+    kinds: list[str] = Field(default_factory=list, description="pair kinds trained on (generate/dpo.jsonl `kind`: "
+                             "preference, raft, matching); empty = all. Pairs without a kind (written by hand) are always kept")
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -576,6 +582,10 @@ PRESETS: dict[str, dict] = {
         # answer) in one block; SFT's 512 keeps its answer, which comes last, from being cut
         "dapt": {"max_steps": 40, "save_steps": 10, "max_length": 512, "batch_size": 2},
         "sft": {"max_per_kind": 100, "max_steps": 32, "max_length": 512, "batch_size": 3, "save_steps": 8},
+        # question-answer matching pairs only, 8 a step, with the chosen answers' cross-entropy beside the preference loss
+        # (RPO); README "Which answer goes with which question" has the measurements behind each of these settings
+        "dpo": {"kinds": ["matching"], "batch_size": 8, "learning_rate": 5e-5, "max_steps": 16, "save_steps": 4,
+                "loss_type": ["sigmoid", "sft"]},
         # the demo's teacher is the base model itself: benchmark items written by it would favour it, so the held-out
         # benchmarks are extractive only (correct by construction); with a stronger teacher, set eval.teacher: true
         "eval": {"items": {"mcq": 40, "cloze": 40, "qa": 30, "summary": 20}, "teacher": False, "perplexity_words": 500,

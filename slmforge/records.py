@@ -147,6 +147,7 @@ class DpoRow(Record):
     rejected: list[Message]
     chunk_id: str = ""
     teacher: str = ""
+    kind: str = Field("", description="preference (grounded over term-swapped or closed-book answer), raft, matching")
 
 
 class GenerateRejection(Record):

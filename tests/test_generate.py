@@ -394,3 +394,23 @@ def test_partial_teacher_failures_are_listed_and_a_rerun_retries_only_those(tmp_
         assert not second.skipped and state["received"] == failed  # only the failed requests went out again
         assert second.manifest["counts"]["teacher_failures"] == 0 and "incomplete" not in second.manifest["counts"]
         assert run.execute(GenerateStage(), recipe).skipped and state["received"] == failed
+
+
+def test_matching_pairs_prefer_a_questions_own_answer_over_another_chunks():
+    from slmforge.generate.matching import matching_pairs
+    from slmforge.records import DpoRow
+
+    topics = ["vacuum reclaims dead tuples", "pg_dump writes a script file", "a role owns objects",
+              "LOCK TABLE waits for conflicting locks", "TimeZone sets the display zone"]
+    items = [_item(id=f"q{c}{j}", chunk_id=f"c-{c:04d}", prompt=f"What about {t} ({j})?", answer=f"{t.capitalize()} ({j}).")
+             for c, t in enumerate(topics) for j in range(2)]
+    items.append(_item(id="cloze", kind="cloze", chunk_id="c-0000", answer="vacuum"))  # only questions take part
+    rows = matching_pairs(items, seed=0)
+    assert len(rows) == 10 and all(r["kind"] == "matching" for r in rows)
+    answers = {it.answer: it.chunk_id for it in items if it.kind == "qa"}
+    for row, item in zip(rows, [it for it in items if it.kind == "qa"]):
+        DpoRow.model_validate(row)
+        assert row["prompt"][0]["content"] == item.prompt and row["chosen"][0]["content"] == item.answer
+        assert answers[row["rejected"][0]["content"]] != item.chunk_id  # another chunk's answer
+    assert matching_pairs(items, seed=0) == rows and matching_pairs(items, seed=1) != rows  # seeded
+    assert matching_pairs([it for it in items if it.chunk_id == "c-0000"]) == []  # one chunk: nothing to prefer over

@@ -147,6 +147,10 @@ def test_the_build_indexes_generates_raft_rows_and_search_prints_passages(tmp_pa
     sft = run.read(art.SFT_ROWS)
     raft = [r for r in sft if r.kind == "raft"]
     assert raft and all(r.messages[0].content.startswith("Passages:\n") for r in raft)
+    dpo = run.read(art.DPO_ROWS)
+    kinds = {r.kind for r in dpo}
+    assert {"matching", "raft"} <= kinds, kinds  # question-answer matching pairs beside the RAFT ones
+    assert all(r.chosen[0].content in {i.answer for i in run.read(art.ITEMS)} for r in dpo if r.kind == "matching")
     report = json.loads(run.path(art.GENERATE_REPORT).read_text())
     assert report["retrieval"]["recall@k"]["5"] > 0.3
     assert art.BM25_TRAIN.label in run.manifest(art.GENERATE)["inputs"]  # a changed index reruns generate

@@ -249,6 +249,20 @@ def test_sft_without_generate_output_names_the_missing_artifact(tmp_path, tiny_m
         run.execute(sft.SftStage(), recipe)
 
 
+def test_dpo_kinds_train_only_those_pairs_and_name_the_kinds_the_file_holds(tmp_path, tiny_model):
+    from slmforge.train.dpo import DpoStage
+
+    recipe, run = make_run(tmp_path, tiny_model, dpo={"enabled": True, **TINY_TRAIN, "max_length": 128, "kinds": ["matching"],
+                                                          "loss_type": ["sigmoid", "sft"]})
+    atomic_write_jsonl(run.path(art.DPO_ROWS), [{**r, "kind": "preference"} for r in DPO_ROWS])
+    with pytest.raises(ValueError, match=r"generate/dpo.jsonl: no pairs of dpo.kinds \['matching'\].*\['preference'\]"):
+        run.execute(DpoStage(), recipe)
+    rows = [{**r, "kind": "matching" if i % 2 else "preference"} for i, r in enumerate(DPO_ROWS * 4)]
+    atomic_write_jsonl(run.path(art.DPO_ROWS), rows)
+    counts = run.execute(DpoStage(), recipe).manifest["counts"]
+    assert counts["pairs"] == len(rows) // 2 and counts["steps"] == TINY_TRAIN["max_steps"]
+
+
 # ---------------------------------------------------------------------------------------------- stages end to end
 def test_dapt_sft_dpo_chain_produces_loadable_models(tmp_path, tiny_model):
     general = tmp_path / "general.jsonl"

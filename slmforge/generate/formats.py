@@ -71,6 +71,7 @@ def sft_rows(items: list[Item]) -> list[dict]:
 def dpo_rows(items: list[Item]) -> list[dict]:
     return [
         {"prompt": [{"role": "user", "content": it.prompt}], "chosen": [{"role": "assistant", "content": it.answer}],
-         "rejected": [{"role": "assistant", "content": it.rejected}], "chunk_id": it.chunk_id, "teacher": it.origin}
+         "rejected": [{"role": "assistant", "content": it.rejected}], "chunk_id": it.chunk_id, "teacher": it.origin,
+         "kind": "preference"}
         for it in items if it.kind == "preference"
     ]

@@ -71,7 +71,7 @@ def raft_data(items: list[Item], index: Bm25Index, k: int = 2, p_source: float =
                 dpo.append({"prompt": [{"role": "user", "content": prompt}],
                             "chosen": [{"role": "assistant", "content": answer}],
                             "rejected": [{"role": "assistant", "content": f"{_first_sentence(wrong.text)} {wrong.citation}"}],
-                            **meta})
+                            "kind": "raft", **meta})
         else:
             prompt, answer = passages_prompt(item.prompt, distractors[:k]), NO_SOURCE + item.answer
         sft.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],

@@ -89,6 +89,10 @@ class GenerateStage(Stage):
         items, pretrain, question_rejects, questions = drop_question_overlap(recipe, items, pretrain)  # eval.questions
         rejected += question_rejects
         sft, dpo = sft_rows(items), dpo_rows(items)
+        if cfg.matching:
+            from slmforge.generate.matching import matching_pairs
+
+            dpo += matching_pairs(items, recipe.seed)
         retrieval = None
         if BM25_TRAIN in self.uses_for(recipe) and ctx.run.has(BM25_TRAIN):
             from slmforge.generate.raft import raft_data
@@ -111,6 +115,7 @@ class GenerateStage(Stage):
         ctx.counts.update(
             train_chunks=len(train), teacher=teacher.name if teacher else "none", items=len(items), rejected=len(rejected),
             by_kind=dict(Counter(i.kind for i in items)), pretrain_rows=len(pretrain), sft_rows=len(sft), dpo_rows=len(dpo),
+            dpo_by_kind=dict(Counter(r["kind"] for r in dpo)),
             teacher_failures=failed, teacher_requests=asked,
             acceptance={k: v["rate"] for k, v in per_generator.items()},
         )

@@ -28,6 +28,12 @@ class DpoStage(FineTuneStage):
     def run(self, ctx: StageContext) -> None:
         cfg = ctx.recipe.dpo
         rows = [r.model_dump(mode="json", exclude_unset=True) for r in ctx.read(DPO_ROWS)]
+        if cfg.kinds:
+            present = sorted({r.get("kind", "") for r in rows})
+            rows = [r for r in rows if r.get("kind", "") in (*cfg.kinds, "")]  # kind-less pairs: the user's own
+            if not rows:
+                raise ValueError(f"{ctx.run.path(DPO_ROWS)}: no pairs of dpo.kinds {cfg.kinds} (the file holds kinds "
+                                 f"{present}; generate.matching makes 'matching' pairs)")
         good = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows if valid_pair(r)]
         good, too_long = fitting_pairs(good, ctx.recipe.base_model, cfg.max_length)
         if not good:
@@ -58,6 +64,9 @@ def fitting_pairs(pairs: list[dict], tokenizer_spec: str, max_length: int, room:
 def make_trainer(model, tok, dataset, kwargs: dict, cfg: DpoConfig):
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(**kwargs, max_length=cfg.max_length, beta=cfg.beta, loss_type=[cfg.loss_type],
-                     precompute_ref_log_probs=cfg.precompute_ref)
+    losses = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
+    if cfg.loss_weights and len(cfg.loss_weights) != len(losses):
+        raise ValueError(f"dpo.loss_weights {cfg.loss_weights} needs one weight per dpo.loss_type {losses}")
+    args = DPOConfig(**kwargs, max_length=cfg.max_length, beta=cfg.beta, loss_type=losses,
+                     loss_weights=cfg.loss_weights or None, precompute_ref_log_probs=cfg.precompute_ref)
     return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)

@@ -1,0 +1,52 @@
+"""Question-answer matching pairs for DPO: a question's own answer preferred over the answer to another chunk's question.
+
+Cross-entropy on questions and answers (SFT) and on the documents (DAPT) raises the likelihood of every domain answer
+alike, so a model can learn the manual's wording without learning which answer goes with which question. A real
+multiple-choice question about the documents asks exactly that: which of several answers of the same manual answers
+this question. These pairs teach it directly, with DPO (TRL's DPOTrainer, closed book, the chat format serving uses):
+
+    prompt    a question item of the training chunks (the user-style questions, definitions, teacher-written QA)
+    chosen    its own answer (the sentence of its chunk that answers it)
+    rejected  the answer of a question item from another chunk, drawn at random (seeded)
+
+The CPU recipe (the demo preset) trains DPO on these pairs only; README "Which answer goes with which question" has what
+they did on real FAQs never trained on. The negatives are random, not retrieved neighbours (hard negatives, not
+compared yet): a neighbouring chunk's answer may well answer the question too, and would teach rejecting right answers.
+"""
+
+from __future__ import annotations
+
+import random
+
+from slmforge.evaluate.questions import content_words
+from slmforge.records import Item
+
+KIND = "matching"
+
+
+def matching_pairs(items: list[Item], seed: int = 0, per_question: int = 1) -> list[dict]:
+    """DPO rows (TRL's conversational format) for the qa items: own answer over another chunk's answer."""
+    questions = [it for it in items if it.kind == "qa" and it.answer.strip()]
+    chunks = {it.chunk_id for it in questions}
+    if len(chunks) < 2:
+        return []  # every answer comes from one chunk: no answer of another chunk to prefer it over
+    rows = []
+    for item in questions:
+        rng = random.Random(f"{seed}:matching:{item.id}")
+        own = content_words(item.answer)
+        used: set[str] = set()
+        for _ in range(per_question):
+            for _attempt in range(20):
+                other = rng.choice(questions)
+                # another chunk's answer, not a near-copy of this one (duplicated sentences across pages exist)
+                if (other.chunk_id != item.chunk_id and other.id not in used
+                        and len(own & content_words(other.answer)) < 0.5 * max(len(own), 1)):
+                    break
+            else:
+                continue
+            used.add(other.id)
+            rows.append({"prompt": [{"role": "user", "content": item.prompt}],
+                         "chosen": [{"role": "assistant", "content": item.answer}],
+                         "rejected": [{"role": "assistant", "content": other.answer}],
+                         "chunk_id": item.chunk_id, "teacher": item.origin, "kind": KIND})
+    return rows
