@@ -4,6 +4,8 @@
     python bench/real_questions.py --domains debian --runs RUNS_B --set budget=none \\
         --set dapt.max_steps=80 ... --set sft.selection.method=loss                     # arm B: A's planned steps, one change
     python bench/ablation.py --domain debian --arm A=RUNS_A/real-debian --arm B=RUNS_B/real-debian
+    python bench/ablation.py --domain debian --arm SFT=RUNS_A/real-debian@sft --arm DPO=RUNS_A/real-debian   # one
+                                                                  # build's stages: what its last stage added
 
 Each specialist is scored (cached, as bench/real_questions.py scores it) on the domain's held-out FAQ, closed book; the
 table gives each arm's MCQ acc_norm and gold-answer NLL/token with paired 95% CIs against the first arm and against
@@ -36,7 +38,8 @@ def tokens_seen(run_dir: Path) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--domain", required=True, choices=sorted(rq.DOMAINS))
-    parser.add_argument("--arm", action="append", required=True, metavar="NAME=RUN_DIR", help="first = the reference")
+    parser.add_argument("--arm", action="append", required=True, metavar="NAME=RUN_DIR[@STAGE]",
+                        help="first = the reference; @STAGE scores that stage's model (default: the last trained)")
     parser.add_argument("--cache", default=str(rq.DEFAULT_CACHE))
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
@@ -53,7 +56,15 @@ def main() -> None:
     arms = []
     for item in args.arm:
         name, _, run = item.partition("=")
+        run, _, only = run.partition("@")  # RUN_DIR@sft: that stage's model instead of the last trained one
         stage, model_dir = rq.specialist_of(Path(run))
+        if only:
+            from slmforge.run import RunDir
+
+            trained = RunDir(Path(run)).trained_models()
+            if only not in trained:
+                sys.exit(f"{run}: no {only} model (trained: {', '.join(trained) or 'none'})")
+            stage, model_dir = only, trained[only]
         scores, _ = rq.score_model(str(model_dir), rows, None, args.batch_size, work / "score_cache")
         arms.append((name, Path(run), stage, scores))
 

@@ -139,7 +139,9 @@ class GenerateStage(Stage):
     def summary_rows(self, c: dict) -> list[tuple[str, str]]:
         rows = [("teacher", c["teacher"]),
                 ("items (by kind)", f"{c['items']:,} (" + ", ".join(f"{k} {v}" for k, v in sorted(c["by_kind"].items())) + ")"),
-                ("pretrain / sft / dpo rows", f"{c['pretrain_rows']:,} / {c['sft_rows']:,} / {c['dpo_rows']:,}"),
+                ("pretrain / sft / dpo rows", f"{c['pretrain_rows']:,} / {c['sft_rows']:,} / {c['dpo_rows']:,}"
+                 + (" (dpo: " + ", ".join(f"{k} {v}" for k, v in sorted(c["dpo_by_kind"].items())) + ")"
+                    if c.get("dpo_by_kind") else "")),
                 ("rejected (teacher failures)", f"{c['rejected']:,} ({c['teacher_failures']})")]
         if "raft_rows" in c:
             rows.append(("RAFT rows; recall@1/2/5 of the source", f"{c['raft_rows']:,}; " + " / ".join(
