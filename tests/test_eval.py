@@ -250,11 +250,13 @@ def _fake_run(tmp_path: Path, tiny_model: Path) -> tuple[Path, RunDir]:
     return recipe, run
 
 
-def test_eval_stage_freezes_benchmarks_writes_table_and_report(tiny_model, tmp_path):
+def test_eval_stage_freezes_benchmarks_writes_table_and_report(tiny_model, tmp_path, capfd):
     from slmforge.cli import run_stages
 
     recipe, run = _fake_run(tmp_path, tiny_model)
     run_stages(recipe, ["index", "eval"])  # the index: open-book variants of the question benchmarks
+    err = capfd.readouterr().err
+    assert "Running loglikelihood requests" not in err, err[-800:]  # lm-eval's bars (perplexity's too) stay hidden
     ev = run.stage_dir("eval")
     results = json.loads((ev / "results.json").read_text())
     # open book: the same items after the top passages of the deployed index (training + held-out pages)

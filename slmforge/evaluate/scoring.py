@@ -61,6 +61,10 @@ def _quiet_hflm():
         def generate_until(self, requests, disable_tqdm: bool = False):
             return super().generate_until(requests, disable_tqdm=True)
 
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            # loglikelihood_rolling (perplexity) calls this with disable_tqdm=False written in, whatever it was given
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, **kwargs)
+
     return QuietHFLM
 
 
