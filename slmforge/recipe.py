@@ -583,7 +583,7 @@ PRESETS: dict[str, dict] = {
         "dapt": {"max_steps": 40, "save_steps": 10, "max_length": 512, "batch_size": 2},
         "sft": {"max_per_kind": 100, "max_steps": 32, "max_length": 512, "batch_size": 3, "save_steps": 8},
         # question-answer matching pairs only, 8 a step, with the chosen answers' cross-entropy beside the preference loss
-        # (RPO); README "Which answer goes with which question" has the measurements behind each of these settings
+        # (RPO); README "Which answer goes with which question" has the builds measured with these settings
         "dpo": {"kinds": ["matching"], "batch_size": 8, "learning_rate": 5e-5, "max_steps": 16, "save_steps": 4,
                 "loss_type": ["sigmoid", "sft"]},
         # the demo's teacher is the base model itself: benchmark items written by it would favour it, so the held-out
