@@ -57,7 +57,6 @@ def main() -> None:
     for item in args.arm:
         name, _, run = item.partition("=")
         run, _, only = run.partition("@")  # RUN_DIR@sft: that stage's model instead of the last trained one
-        stage, model_dir = rq.specialist_of(Path(run))
         if only:
             from slmforge.run import RunDir
 
@@ -65,6 +64,8 @@ def main() -> None:
             if only not in trained:
                 sys.exit(f"{run}: no {only} model (trained: {', '.join(trained) or 'none'})")
             stage, model_dir = only, trained[only]
+        else:
+            stage, model_dir = rq.specialist_of(Path(run))
         scores, _ = rq.score_model(str(model_dir), rows, None, args.batch_size, work / "score_cache")
         arms.append((name, Path(run), stage, scores))
 

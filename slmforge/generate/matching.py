@@ -24,29 +24,25 @@ from slmforge.records import Item
 KIND = "matching"
 
 
-def matching_pairs(items: list[Item], seed: int = 0, per_question: int = 1) -> list[dict]:
+def matching_pairs(items: list[Item], seed: int = 0) -> list[dict]:
     """DPO rows (TRL's conversational format) for the qa items: own answer over another chunk's answer."""
     questions = [it for it in items if it.kind == "qa" and it.answer.strip()]
-    chunks = {it.chunk_id for it in questions}
-    if len(chunks) < 2:
+    if len({it.chunk_id for it in questions}) < 2:
         return []  # every answer comes from one chunk: no answer of another chunk to prefer it over
+    words = {it.id: content_words(it.answer) for it in questions}
     rows = []
     for item in questions:
         rng = random.Random(f"{seed}:matching:{item.id}")
-        own = content_words(item.answer)
-        used: set[str] = set()
-        for _ in range(per_question):
-            for _attempt in range(20):
-                other = rng.choice(questions)
-                # another chunk's answer, not a near-copy of this one (duplicated sentences across pages exist)
-                if (other.chunk_id != item.chunk_id and other.id not in used
-                        and len(own & content_words(other.answer)) < 0.5 * max(len(own), 1)):
-                    break
-            else:
-                continue
-            used.add(other.id)
-            rows.append({"prompt": [{"role": "user", "content": item.prompt}],
-                         "chosen": [{"role": "assistant", "content": item.answer}],
-                         "rejected": [{"role": "assistant", "content": other.answer}],
-                         "chunk_id": item.chunk_id, "teacher": item.origin, "kind": KIND})
+        own = words[item.id]
+        for _attempt in range(20):
+            other = rng.choice(questions)
+            # another chunk's answer, not a near-copy of this one (duplicated sentences across pages exist)
+            if other.chunk_id != item.chunk_id and len(own & words[other.id]) < 0.5 * max(len(own), 1):
+                break
+        else:
+            continue
+        rows.append({"prompt": [{"role": "user", "content": item.prompt}],
+                     "chosen": [{"role": "assistant", "content": item.answer}],
+                     "rejected": [{"role": "assistant", "content": other.answer}],
+                     "chunk_id": item.chunk_id, "teacher": item.origin, "kind": KIND})
     return rows
