@@ -89,7 +89,7 @@ def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None
             _error(err, f"error in stage {name}")
             raise typer.Exit(1) from None
         if build:
-            build.finished(name, time.time() - started, outcome.skipped)
+            build.finished(name, time.time() - started, outcome.skipped, outcome.manifest.get("seconds"))
         if outcome.skipped:
             console.print(f"  [dim]unchanged since {outcome.manifest['started']}: skipped (use --force to rerun)[/dim]")
         else:
@@ -98,6 +98,8 @@ def run_stages(recipe_path: Path, stages: list[str], overrides: list[str] | None
                           + f" → {run.stage_dir(name)}", highlight=False)
         if outcome.manifest.get("counts", {}).get("incomplete"):
             console.print(f"  [yellow]incomplete:[/yellow] {outcome.manifest['counts']['incomplete']}", highlight=False)
+        if build:  # the stages still to run, at the pace training actually had
+            recipe = build.replan(name, recipe, say=lambda msg: console.print(msg, highlight=False))
         outcomes.append(outcome)
     _summary(outcomes, by_name)
     _results(run)

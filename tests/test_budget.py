@@ -101,7 +101,8 @@ def test_a_slower_machine_gets_a_smaller_plan_that_still_fits(demo):
     slow_fig = slower(FIG, 2.0)
     slow = planner.make_plan(demo, slow_fig, {k: v * 2 if isinstance(v, float) else v for k, v in FACTS.items()}, 1200)
     assert slow.fits and slow.predicted_total_s <= slow.usable_s
-    assert slow.settings["dapt.max_steps"] < fast.settings["dapt.max_steps"]
+    steps = lambda plan: sum(v for k, v in plan.settings.items() if k.endswith(".max_steps"))  # noqa: E731
+    assert steps(slow) < steps(fast) and slow.settings["dapt.max_steps"] <= fast.settings["dapt.max_steps"]
     assert slow.settings["generate.max_chunks"] <= fast.settings["generate.max_chunks"]
     bigger = planner.make_plan(demo, FIG, FACTS, 2400)
     assert bigger.settings["dapt.max_steps"] > fast.settings["dapt.max_steps"]
@@ -117,6 +118,86 @@ def test_a_short_budget_shrinks_eval_and_says_when_nothing_fits(demo):
     assert not hopeless.fits and "too small" in hopeless.notes[-1]
     assert short.settings["eval.doc_questions"] < demo.eval.doc_questions  # the documents' own questions shrink too
     assert all(v >= 1 for k, v in hopeless.settings.items() if k not in ("eval.items", "eval.models"))
+
+
+def test_whole_checkpoints_do_not_leave_the_budget_unspent(demo):
+    """On a slow machine one checkpoint is minutes, so a grid step overshoots; the plan then adds one checkpoint per
+    training stage at a time while the build fits, instead of stopping at the last grid scale that fitted."""
+    slow, facts = slower(FIG, 2.0), {k: v * 2 if isinstance(v, float) else v for k, v in FACTS.items()}
+    plan = planner.make_plan(demo, slow, facts, 1200)
+    grid_only = {**planner.scaled(demo, plan.scale), **{k: v for k, v in plan.settings.items() if k == "eval.models"}}
+    grid_total = sum(planner.predict(planner.apply(demo, grid_only), slow, facts).values())
+    assert plan.predicted_total_s > grid_total and plan.predicted_total_s <= plan.usable_s
+    for field, value in plan.settings.items():
+        if field.endswith(".max_steps"):
+            save = getattr(demo, field.split(".")[0]).save_steps
+            assert value >= grid_only[field] and value % save == 0
+            one_more = planner.predict(planner.apply(demo, {**plan.settings, field: value + save}), slow, facts)
+            assert sum(one_more.values()) > plan.usable_s  # filled: no stage can take one more checkpoint
+
+
+def test_the_build_replans_at_the_pace_training_actually_ran(demo):
+    """Training faster than predicted: the stages still to run grow to spend the budget, the finished ones keep their
+    settings; slower than predicted: what is left shrinks to stay inside it. The re-planned plan is kept by the next
+    build (same inputs), so an unchanged rerun skips its stages."""
+    plan = planner.make_plan(demo, FIG, FACTS, 1200)
+    order = list(plan.predicted)
+    done = order[: order.index("dapt") + 1]
+    spent = {s: plan.predicted[s] for s in done if s != "dapt"} | {"dapt": plan.predicted["dapt"] * 0.6}
+    fast = planner.replan(demo, FIG, FACTS, plan, "dapt", spent, {"dapt": spent["dapt"]}, order[len(done):])
+    assert fast.pace == pytest.approx(0.6, abs=1e-3) and fast.replanned_after == ["dapt"]
+    assert fast.settings["dapt.max_steps"] == plan.settings["dapt.max_steps"]  # it ran as planned
+    assert fast.settings["generate.max_chunks"] == plan.settings["generate.max_chunks"]
+    assert fast.settings["sft.max_steps"] > plan.settings["sft.max_steps"]
+    assert sum(spent.values()) + sum(fast.predicted[s] for s in order[len(done):]) <= plan.usable_s
+    assert fast.predicted["dapt"] == plan.predicted["dapt"] and fast.fits
+    sft_raw = planner.predict(planner.apply(demo, fast.settings), FIG, FACTS)["sft"]  # the probes' prediction
+    spent2 = {**spent, "sft": sft_raw * 0.6}  # the same pace again: the second re-plan measures it so, not 1.0
+    again = planner.replan(demo, FIG, FACTS, fast, "sft", spent2, {"dapt": spent["dapt"], "sft": spent2["sft"]},
+                           order[order.index("sft") + 1:])
+    assert again.pace == pytest.approx(0.6, abs=1e-3) and again.replanned_after == ["dapt", "sft"]
+    assert again.settings["sft.max_steps"] == fast.settings["sft.max_steps"] and again.predicted["sft"] == fast.predicted["sft"]
+    slow_spent = {**spent, "dapt": plan.predicted["dapt"] * 1.4}
+    slow = planner.replan(demo, FIG, FACTS, plan, "dapt", slow_spent, {"dapt": slow_spent["dapt"]}, order[len(done):])
+    assert slow.pace == pytest.approx(1.4, abs=1e-3)
+    ahead = lambda p: p.settings["sft.max_steps"] + p.settings["dpo.max_steps"]  # noqa: E731
+    assert ahead(slow) < ahead(plan) < ahead(fast)
+    assert sum(slow_spent.values()) + sum(slow.predicted[s] for s in order[len(done):]) <= plan.usable_s
+    odd = planner.replan(demo, FIG, FACTS, plan, "dapt", spent, {"dapt": 1.0}, order[len(done):])  # a resumed stage
+    assert odd.pace == planner.REPLAN_RATIO[0]
+    # nothing measured, or nothing planned left: the plan as it was
+    assert planner.replan(demo, FIG, FACTS, plan, "curate", {"curate": 3.0}, {}, order[2:]) == plan
+    assert planner.replan(demo, FIG, FACTS, plan, "dpo", spent, {"dpo": 9.0}, ["export"]) == plan
+    kept = planner.make_plan(demo, FIG, FACTS, 1200, previous=fast.model_dump())
+    assert kept.kept_previous and kept.settings == fast.settings
+    assert not planner.make_plan(demo, FIG, FACTS, 1800, previous=fast.model_dump()).kept_previous  # a new budget
+
+
+def test_a_build_records_its_replans_and_runs_the_rest_with_them(demo, tmp_path):
+    """Build.replan between stages: the recipe the next stages run with carries the new steps, budget.json keeps the
+    re-plan and the latest plan, the ETA's planned seconds follow; a skipped or non-training stage changes nothing."""
+    from slmforge.budget.build import Build
+    from slmforge.run import RunDir
+
+    plan = planner.make_plan(demo, FIG, FACTS, 1200)
+    running = planner.apply(demo, plan.settings)
+    run = RunDir(tmp_path / "run")
+    build = Build(run, {"budget_s": 1200, "plan": plan.model_dump(mode="json")}, dict(plan.predicted), (demo, FIG, FACTS, plan))
+    order = list(plan.predicted)
+    build.start(order)
+    said = []
+    for stage in order[: order.index("dapt")]:
+        build.finished(stage, plan.predicted[stage], skipped=False)
+        assert build.replan(stage, running, say=said.append) is running  # not a training stage
+    build.finished("dapt", plan.predicted["dapt"] * 0.6, skipped=False)
+    after = build.replan("dapt", running, say=said.append)
+    assert after.sft.max_steps > running.sft.max_steps and after.dapt.max_steps == running.dapt.max_steps
+    record = json.loads((run.root / "budget.json").read_text())
+    assert record["replans"][0]["after"] == "dapt" and record["replans"][0]["changed"]["sft.max_steps"] == after.sft.max_steps
+    assert record["plan"]["settings"]["sft.max_steps"] == after.sft.max_steps and record["plan"]["replanned_after"] == ["dapt"]
+    assert build.planned["sft"] == record["plan"]["predicted"]["sft"] and "re-planned" in said[-1]
+    build.finished("sft", 0.1, skipped=True, spent=build.planned["sft"])  # done by an earlier build: nothing measured
+    assert build.replan("sft", after, say=said.append) is after
 
 
 def test_probe_noise_does_not_move_the_plan(demo):

@@ -4,6 +4,8 @@
 typed sections, so the stages' cache keys see them (an unchanged plan skips finished stages; a changed one reruns).
 It writes runs/<name>/budget.json (plan, probe figures, precision choice, fixed-cost estimates) and, after each stage,
 that stage's planned and actual seconds; each stage's own manifest gets its planned seconds and precision under "build".
+After each training stage that ran, `Build.replan` re-plans the stages still to run at the pace training actually had
+(plan.replan): budget.json keeps every re-plan under "replans" and the latest plan under "plan".
 """
 
 from __future__ import annotations
@@ -91,15 +93,18 @@ def precision_record(fig: Figures, tokens: int) -> dict:
 class Build:
     """Planned and actual seconds of one invocation's stages; feeds budget.json, the manifests and the console ETA."""
 
-    def __init__(self, run: RunDir, record: dict, planned: dict[str, float]):
-        self.run, self.record, self.planned = run, record, planned
+    def __init__(self, run: RunDir, record: dict, planned: dict[str, float], planning: tuple | None = None):
+        """`planning`: (recipe as written, figures, fixed-cost facts, Plan) of a budgeted build, for re-plans."""
+        self.run, self.record, self.planned, self.planning = run, record, planned, planning
         self.started = time.time()
+        self.order: list[str] = []
         self.record.setdefault("stages", {})
 
     def start(self, stages: list[str]) -> None:
         """This invocation runs `stages`: the console's build ETA counts their planned seconds."""
         from slmforge import console
 
+        self.order = list(stages)
         planned = {s: self.planned[s] for s in stages if s in self.planned}
         console.build_clock = console.BuildClock(planned, self.record.get("budget_s")) if planned else None
         self.started = time.time()
@@ -124,17 +129,50 @@ class Build:
             out["budget_s"] = self.record["budget_s"]
         return out or None
 
-    def finished(self, stage: str, seconds: float, skipped: bool) -> None:
+    def finished(self, stage: str, seconds: float, skipped: bool, spent: float | None = None) -> None:
+        """`seconds` this invocation took for the stage; `spent`: what the stage cost the build (a skipped stage's
+        manifest seconds: it ran earlier in the same budget)."""
         from slmforge import console
 
         if console.build_clock is not None:
             console.build_clock.end(stage)
-        self.record["stages"][stage] = {"planned_s": self.planned.get(stage), "actual_s": round(seconds, 1), "skipped": skipped}
+        self.record["stages"][stage] = {"planned_s": self.planned.get(stage), "actual_s": round(seconds, 1), "skipped": skipped,
+                                        "spent_s": round(seconds if spent is None else spent, 1)}
         stages = self.record["stages"].values()
         self.record["total"] = {"planned_s": round(sum(s["planned_s"] or 0 for s in stages), 1),
                                 "actual_s": round(sum(s["actual_s"] for s in stages), 1),
                                 "wall_s": round(time.time() - self.started, 1)}
         self.save()
+
+    def replan(self, stage: str, recipe, say=print):
+        """The recipe the rest of the build runs with, re-planned after `stage` when it was a training stage that ran;
+        `recipe` itself when nothing changed."""
+        from slmforge import console
+
+        done = self.record["stages"]
+        if self.planning is None or stage not in TRAIN or done.get(stage, {}).get("skipped", True):
+            return recipe
+        written, fig, facts, plan = self.planning
+        ran = {s: r["actual_s"] for s, r in done.items() if s in TRAIN and not r["skipped"]}
+        spent = {s: r["spent_s"] for s, r in done.items()}
+        new = planner.replan(written, fig, facts, plan, stage, spent, ran, [s for s in self.order if s not in done])
+        self.planning = (written, fig, facts, new)
+        if new.settings == plan.settings:
+            return recipe
+        changed = {k: v for k, v in new.settings.items() if plan.settings.get(k) != v}
+        ahead = {s: v for s, v in new.predicted.items() if s not in done}
+        self.planned.update(ahead)
+        if console.build_clock is not None:
+            console.build_clock.planned.update(ahead)
+        self.record["plan"] = new.model_dump(mode="json")
+        self.record.setdefault("replans", []).append(
+            {"after": stage, "pace": new.pace, "changed": changed, "predicted": ahead,
+             "predicted_total_s": new.predicted_total_s})
+        self.save()
+        shown = ", ".join(f"{k} {plan.settings.get(k)}→{v}" for k, v in changed.items() if k != "eval.items")
+        say(f"  [dim]re-planned: training ran at {new.pace:.2f}x its predicted seconds; {shown}; build predicted "
+            f"{_fmt(new.predicted_total_s)} of {_fmt(new.usable_s)} usable[/dim]")
+        return planner.apply(recipe, new.settings)
 
     def save(self) -> None:
         atomic_write_json(self.run.path(art.BUILD_PLAN), self.record)
@@ -188,9 +226,11 @@ def prepare(recipe, run: RunDir, say=print):
             say(f"  precision: auto → {fig.precision} (measured per {record['precision']['tokens_per_step']}-token step: "
                 f"{times}{'; cached' if fig.cached else ''})")
     planned: dict[str, float] = {}
+    planning = None
     if recipe.budget:
         facts = fixed_costs(resolved, run, fig)
         plan = planner.make_plan(resolved, fig, facts, recipe.budget, _previous(run))
+        planning = (resolved, fig, facts, plan)
         resolved = planner.apply(resolved, plan.settings)
         planned = plan.predicted
         record.update(budget_s=recipe.budget, plan=plan.model_dump(mode="json"), facts=facts)
@@ -202,7 +242,7 @@ def prepare(recipe, run: RunDir, say=print):
             f"{shown}; predicted {_fmt(plan.predicted_total_s)} of {_fmt(plan.usable_s)} usable")
         for note in plan.notes:
             say(f"  [yellow]budget:[/yellow] {note}")
-    build = Build(run, record, planned)
+    build = Build(run, record, planned, planning)
     build.save()
     return resolved, build
 

@@ -7,9 +7,15 @@ of its save_steps), and, only when s < 1, the eval items per kind (the held-out 
 largest s whose predicted build fits budget * (1 - margin) - probe seconds wins; when even the smallest does not, eval
 scores the base and the final model only, not every stage's. Eval's prediction counts the open-book twins of the
 question benchmarks (eval.open_book), each prompt after index.k passages. The grid and the rounding make the plan
-move only when the machine's speed does; and a previous plan made from the same inputs is kept while it still fits
+move only when the machine's speed does; what the grid leaves is filled one checkpoint per training stage at a time
+(`_fill`); and a previous plan made from the same inputs is kept while it still fits
 the budget (margin included) and spends most of it (`KEEP`), so refined fixed-cost estimates after the first build do
 not rerun its stages.
+
+During the build the plan is re-planned after each training stage (`replan`): the remaining stages are predicted at the
+pace the finished training stages actually ran (their actual / predicted seconds, bounded to REPLAN_RATIO) and the
+grid is searched again for them alone, the finished stages' seconds counted as spent, so a plan whose predictions were
+pessimistic still spends the budget and an optimistic one shrinks what is left to stay inside it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ MCQ_TOKENS, GENERAL_MCQ_TOKENS, QUESTION_PROMPT_TOKENS = 150, 100, 40
 PROMPT_TOKENS = {"cloze": 120, "qa": 200, "summary": 350}
 TEACHER_INSTRUCTION_TOKENS = 80
 PLANNED_TRAIN = ("dapt", "sft", "dpo")
+REPLAN_RATIO = (0.5, 1.5)  # bounds on the measured pace: one odd stage (a resumed one) moves the rest only so far
 DISTILL_ROWS_UNCAPPED = 1000  # context-distilled rows of a kind without a cap (the plan cannot count the rows)
 
 
@@ -46,6 +53,8 @@ class Plan(BaseModel):
     predicted_total_s: float
     fits: bool
     kept_previous: bool = False
+    replanned_after: list[str] = Field(default_factory=list, description="stages after which the build re-planned")
+    pace: float | None = Field(None, description="actual / predicted seconds of the finished training stages (re-plans)")
     inputs: str = Field(description="hash of what the plan was made from (recipe as written, probe figures, budget)")
     notes: list[str] = Field(default_factory=list)
 
@@ -248,20 +257,40 @@ def plan_inputs(recipe, fig: Figures, budget_s: float) -> str:
                      "budget": budget_s})
 
 
-def _search(recipe, fig: Figures, facts: dict, usable: float, fixed: dict) -> tuple[float, dict, dict, float]:
+def _search(recipe, fig: Figures, facts: dict, usable: float, fixed: dict, cost=None) -> tuple[float, dict, dict, float]:
     """(s, settings, predicted, total) of the largest grid scale whose predicted build fits `usable` seconds (the
-    smallest scale when none does); `fixed` planned fields are set whatever the scale."""
+    smallest scale when none does); `fixed` planned fields are set whatever the scale; `cost(predicted)` -> (predicted,
+    total) when the build's cost is not the plain sum of the predictions (a re-plan)."""
     best = None
     for k in GRID:
         s = 2 ** (k / 8)
         settings = {**scaled(recipe, s), **fixed}
         predicted = predict(apply(recipe, settings), fig, facts)
-        total = sum(predicted.values())
+        predicted, total = cost(predicted) if cost else (predicted, sum(predicted.values()))
         if best is None or total <= usable:
             best = (s, settings, predicted, total)
         if total > usable:
             break
-    return best
+    return _fill(recipe, fig, facts, usable, fixed, cost, best) if best[3] <= usable else best
+
+
+def _fill(recipe, fig, facts, usable, fixed, cost, best):
+    """Spend what the grid left: steps come in whole checkpoints, so on a slow machine one grid step can add more
+    seconds than the budget has left (a DPO checkpoint of 4 steps was ~2 minutes on an AVX2-only EPYC). One checkpoint
+    more per training stage in turn, in recipe order, while the build still fits."""
+    s, settings, predicted, total = best
+    fields = [f for f in settings if f.endswith(".max_steps") and f not in fixed]
+    grown = True
+    while grown:
+        grown = False
+        for field in fields:
+            save = getattr(recipe, field.split(".")[0]).save_steps
+            trial = {**settings, field: settings[field] + (save if settings[field] >= save else 1)}
+            p = predict(apply(recipe, trial), fig, facts)
+            p, t = cost(p) if cost else (p, sum(p.values()))
+            if t <= usable:
+                settings, predicted, total, grown = trial, p, t, True
+    return s, settings, predicted, total
 
 
 def make_plan(recipe, fig: Figures, facts: dict, budget_s: float, previous: dict | None = None) -> Plan:
@@ -275,6 +304,12 @@ def make_plan(recipe, fig: Figures, facts: dict, budget_s: float, previous: dict
         notes.append("generate.max_chunks is 0 (every chunk): not planned, and its teacher time is not predicted")
     if recipe.generate.enabled and recipe.generate.teacher.backend not in ("transformers", "none"):
         notes.append(f"generate.max_chunks is not planned: the {recipe.generate.teacher.backend} teacher is not probed")
+    if previous and previous.get("inputs") == inputs and isinstance(previous.get("settings"), dict) \
+            and previous.get("replanned_after"):
+        # re-planned during the build from its measured pace: kept as it is, so an unchanged rerun skips every stage and
+        # a killed build resumes its stages with the settings they started with
+        return Plan.model_validate({**previous, "kept_previous": True,
+                                    "notes": notes + ["kept the previous build's re-planned settings"]})
     if previous and previous.get("inputs") == inputs and isinstance(previous.get("settings"), dict):
         try:
             kept = predict(apply(recipe, previous["settings"]), fig, facts)
@@ -302,3 +337,36 @@ def make_plan(recipe, fig: Figures, facts: dict, budget_s: float, previous: dict
                      "(fixed costs: ingest, curate, export, eval setup)")
     return Plan(budget_s=budget_s, usable_s=round(usable, 1), scale=round(s, 4), settings=settings, predicted=predicted,
                 predicted_total_s=round(total, 1), fits=fits, inputs=inputs, notes=notes)
+
+
+def replan(recipe, fig: Figures, facts: dict, plan: Plan, after: str, spent: dict[str, float], ran: dict[str, float],
+           remaining: list[str]) -> Plan:
+    """The plan for the `remaining` stages of a build under way, `after` that stage finished. `recipe` as written
+    (precision resolved, as given to make_plan); `spent`: seconds each finished stage took (counted against the budget); `ran`: actual seconds of the
+    training stages that ran in this invocation, whose ratio to their predictions is the pace the remaining training
+    stages are predicted at. The finished stages' settings stay as they ran; `plan` comes back unchanged when nothing
+    measured or nothing planned is left."""
+    measured = {s: t for s, t in ran.items() if plan.predicted.get(s)}
+    left = [s for s in remaining if s in plan.predicted and s not in spent]
+    if not measured or not any(f.split(".")[0] in left for f in plan.settings):
+        return plan
+    raw = predict(apply(recipe, plan.settings), fig, facts)  # the probes' own figures, before any earlier re-plan's pace
+    pace = sum(measured.values()) / sum(raw[s] for s in measured)
+    pace = min(max(pace, REPLAN_RATIO[0]), REPLAN_RATIO[1])
+    fixed = {f: v for f, v in plan.settings.items() if f.split(".")[0] not in left or f == "eval.models"}
+    used = sum(spent.values())
+
+    def cost(predicted: dict) -> tuple[dict, float]:
+        ahead = {s: round(predicted[s] * (pace if s in PLANNED_TRAIN else 1.0), 1) for s in left}
+        return ahead, used + sum(ahead.values())
+
+    s, settings, ahead, total = _search(recipe, fig, facts, plan.usable_s, fixed, cost)
+    notes = [n for n in plan.notes if not n.startswith("re-planned")]
+    notes.append(f"re-planned after {', '.join(plan.replanned_after + [after])}: training ran at "
+                 f"{pace:.2f}x its predicted seconds")
+    predicted = {**{k: v for k, v in plan.predicted.items() if k not in left}, **ahead}
+    return plan.model_copy(update={
+        "scale": round(s, 4), "settings": settings, "predicted": predicted,
+        "predicted_total_s": round(total + sum(v for k, v in plan.predicted.items() if k not in left and k not in spent), 1),
+        "fits": total <= plan.usable_s, "kept_previous": False, "pace": round(pace, 3),
+        "replanned_after": plan.replanned_after + [after], "notes": notes})
