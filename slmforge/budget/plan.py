@@ -257,6 +257,12 @@ def plan_inputs(recipe, fig: Figures, budget_s: float) -> str:
                      "budget": budget_s})
 
 
+def _cost(recipe, fig: Figures, facts: dict, settings: dict, cost=None) -> tuple[dict, float]:
+    """(predicted, total seconds) of the recipe under `settings`; `cost(predicted)` replaces the plain sum (a re-plan)."""
+    predicted = predict(apply(recipe, settings), fig, facts)
+    return cost(predicted) if cost else (predicted, sum(predicted.values()))
+
+
 def _search(recipe, fig: Figures, facts: dict, usable: float, fixed: dict, cost=None) -> tuple[float, dict, dict, float]:
     """(s, settings, predicted, total) of the largest grid scale whose predicted build fits `usable` seconds (the
     smallest scale when none does); `fixed` planned fields are set whatever the scale; `cost(predicted)` -> (predicted,
@@ -265,8 +271,7 @@ def _search(recipe, fig: Figures, facts: dict, usable: float, fixed: dict, cost=
     for k in GRID:
         s = 2 ** (k / 8)
         settings = {**scaled(recipe, s), **fixed}
-        predicted = predict(apply(recipe, settings), fig, facts)
-        predicted, total = cost(predicted) if cost else (predicted, sum(predicted.values()))
+        predicted, total = _cost(recipe, fig, facts, settings, cost)
         if best is None or total <= usable:
             best = (s, settings, predicted, total)
         if total > usable:
@@ -286,8 +291,7 @@ def _fill(recipe, fig, facts, usable, fixed, cost, best):
         for field in fields:
             save = getattr(recipe, field.split(".")[0]).save_steps
             trial = {**settings, field: settings[field] + (save if settings[field] >= save else 1)}
-            p = predict(apply(recipe, trial), fig, facts)
-            p, t = cost(p) if cost else (p, sum(p.values()))
+            p, t = _cost(recipe, fig, facts, trial, cost)
             if t <= usable:
                 settings, predicted, total, grown = trial, p, t, True
     return s, settings, predicted, total
@@ -304,13 +308,13 @@ def make_plan(recipe, fig: Figures, facts: dict, budget_s: float, previous: dict
         notes.append("generate.max_chunks is 0 (every chunk): not planned, and its teacher time is not predicted")
     if recipe.generate.enabled and recipe.generate.teacher.backend not in ("transformers", "none"):
         notes.append(f"generate.max_chunks is not planned: the {recipe.generate.teacher.backend} teacher is not probed")
-    if previous and previous.get("inputs") == inputs and isinstance(previous.get("settings"), dict) \
-            and previous.get("replanned_after"):
+    same = bool(previous) and previous.get("inputs") == inputs and isinstance(previous.get("settings"), dict)
+    if same and previous.get("replanned_after"):
         # re-planned during the build from its measured pace: kept as it is, so an unchanged rerun skips every stage and
         # a killed build resumes its stages with the settings they started with
         return Plan.model_validate({**previous, "kept_previous": True,
                                     "notes": notes + ["kept the previous build's re-planned settings"]})
-    if previous and previous.get("inputs") == inputs and isinstance(previous.get("settings"), dict):
+    if same:
         try:
             kept = predict(apply(recipe, previous["settings"]), fig, facts)
         except (ValueError, AttributeError):
@@ -342,9 +346,9 @@ def make_plan(recipe, fig: Figures, facts: dict, budget_s: float, previous: dict
 def replan(recipe, fig: Figures, facts: dict, plan: Plan, after: str, spent: dict[str, float], ran: dict[str, float],
            remaining: list[str]) -> Plan:
     """The plan for the `remaining` stages of a build under way, `after` that stage finished. `recipe` as written
-    (precision resolved, as given to make_plan); `spent`: seconds each finished stage took (counted against the budget); `ran`: actual seconds of the
-    training stages that ran in this invocation, whose ratio to their predictions is the pace the remaining training
-    stages are predicted at. The finished stages' settings stay as they ran; `plan` comes back unchanged when nothing
+    (precision resolved, as given to make_plan); `spent`: seconds each finished stage took (counted against the
+    budget); `ran`: actual seconds of the training stages that ran in this invocation, whose ratio to their predictions
+    is the pace the remaining training stages are predicted at. The finished stages' settings stay as they ran; `plan` comes back unchanged when nothing
     measured or nothing planned is left."""
     measured = {s: t for s, t in ran.items() if plan.predicted.get(s)}
     left = [s for s in remaining if s in plan.predicted and s not in spent]
