@@ -214,7 +214,8 @@ class GenerateConfig(Section):
     user_questions: int = Field(4, ge=0, description="facts per chunk asked the way users ask (how-to, what happens if, "
                                 "what for, options), two wordings each plus a reversed form; 0 = off")
     matching: bool = Field(True, description="DPO pairs preferring a question's own answer over another chunk's answer "
-                           "(slmforge/generate/matching.py): which answer goes with which question")
+                           "(slmforge/generate/matching.py): which answer goes with which question; with raft, also "
+                           "open book (kind matching_open: the source passage among retrieved distractors in the prompt)")
     raft: RaftConfig = Field(default_factory=RaftConfig, description="retrieval-augmented training rows "
                              "(needs the index stage)")
     teacher_kinds: list[Literal["rephrase", "qa", "mcq", "summary", "preference"]] = Field(
@@ -323,7 +324,7 @@ class DpoConfig(TrainSection):
     loss_weights: list[float] = Field(default_factory=list, description="weights of loss_type's losses (empty = 1 each)")
     precompute_ref: bool = Field(True, description="reference log-probs computed once up front (no second model in memory)")
     kinds: list[str] = Field(default_factory=list, description="pair kinds trained on (generate/dpo.jsonl `kind`: "
-                             "preference, raft, matching); empty = all. Pairs without a kind (written by hand) are always kept")
+                             "preference, raft, matching, matching_open); empty = all. Pairs without a kind (written by hand) are always kept")
 
 
 # --------------------------------------------------------------------------------------------- eval

@@ -143,19 +143,19 @@ def test_the_build_replans_at_the_pace_training_actually_ran(demo):
     plan = planner.make_plan(demo, FIG, FACTS, 1200)
     order = list(plan.predicted)
     done = order[: order.index("dapt") + 1]
-    spent = {s: plan.predicted[s] for s in done if s != "dapt"} | {"dapt": plan.predicted["dapt"] * 0.6}
+    spent = {s: plan.predicted[s] for s in done if s != "dapt"} | {"dapt": plan.predicted["dapt"] * 0.5}
     fast = planner.replan(demo, FIG, FACTS, plan, "dapt", spent, {"dapt": spent["dapt"]}, order[len(done):])
-    assert fast.pace == pytest.approx(0.6, abs=1e-3) and fast.replanned_after == ["dapt"]
+    assert fast.pace == pytest.approx(0.5, abs=1e-3) and fast.replanned_after == ["dapt"]
     assert fast.settings["dapt.max_steps"] == plan.settings["dapt.max_steps"]  # it ran as planned
     assert fast.settings["generate.max_chunks"] == plan.settings["generate.max_chunks"]
     assert fast.settings["sft.max_steps"] > plan.settings["sft.max_steps"]
     assert sum(spent.values()) + sum(fast.predicted[s] for s in order[len(done):]) <= plan.usable_s
     assert fast.predicted["dapt"] == plan.predicted["dapt"] and fast.fits
     sft_raw = planner.predict(planner.apply(demo, fast.settings), FIG, FACTS)["sft"]  # the probes' prediction
-    spent2 = {**spent, "sft": sft_raw * 0.6}  # the same pace again: the second re-plan measures it so, not 1.0
+    spent2 = {**spent, "sft": sft_raw * 0.5}  # the same pace again: the second re-plan measures it so, not 1.0
     again = planner.replan(demo, FIG, FACTS, fast, "sft", spent2, {"dapt": spent["dapt"], "sft": spent2["sft"]},
                            order[order.index("sft") + 1:])
-    assert again.pace == pytest.approx(0.6, abs=1e-3) and again.replanned_after == ["dapt", "sft"]
+    assert again.pace == pytest.approx(0.5, abs=1e-3) and again.replanned_after == ["dapt", "sft"]
     assert again.settings["sft.max_steps"] == fast.settings["sft.max_steps"] and again.predicted["sft"] == fast.predicted["sft"]
     slow_spent = {**spent, "dapt": plan.predicted["dapt"] * 1.4}
     slow = planner.replan(demo, FIG, FACTS, plan, "dapt", slow_spent, {"dapt": slow_spent["dapt"]}, order[len(done):])
@@ -189,7 +189,7 @@ def test_a_build_records_its_replans_and_runs_the_rest_with_them(demo, tmp_path)
     for stage in order[: order.index("dapt")]:
         build.finished(stage, plan.predicted[stage], skipped=False)
         assert build.replan(stage, running, say=said.append) is running  # not a training stage
-    build.finished("dapt", plan.predicted["dapt"] * 0.6, skipped=False)
+    build.finished("dapt", plan.predicted["dapt"] * 0.5, skipped=False)
     after = build.replan("dapt", running, say=said.append)
     assert after.sft.max_steps > running.sft.max_steps and after.dapt.max_steps == running.dapt.max_steps
     record = json.loads((run.root / "budget.json").read_text())
@@ -198,6 +198,45 @@ def test_a_build_records_its_replans_and_runs_the_rest_with_them(demo, tmp_path)
     assert build.planned["sft"] == record["plan"]["predicted"]["sft"] and "re-planned" in said[-1]
     build.finished("sft", 0.1, skipped=True, spent=build.planned["sft"])  # done by an earlier build: nothing measured
     assert build.replan("sft", after, say=said.append) is after
+
+
+def test_dpo_is_priced_at_its_pairs_measured_length_once_generate_wrote_them(demo, tmp_path):
+    """Before generate, DPO pairs are priced at dpo.max_length; the re-plan after SFT measures the pairs of dpo.kinds
+    generate wrote (length-grouped batches pad little) and grows DPO into the seconds that frees; budget.json says so."""
+    from slmforge import artifacts as art
+    from slmforge.budget.build import Build
+    from slmforge.run import RunDir, atomic_write_jsonl
+    from slmforge.train.dpo import fitting_pairs
+
+    full = planner.train_seconds("dpo", demo, FIG)
+    half = planner.train_seconds("dpo", demo, FIG, {"dpo_pair_tokens": demo.dpo.max_length / 2 / planner.DPO_PADDING})
+    assert half < full
+    assert planner.train_seconds("dpo", demo, FIG, {"dpo_pair_tokens": 10 * demo.dpo.max_length}) == full  # capped
+    assert planner.train_seconds("dpo", demo, FIG, {"dpo_pair_tokens": None}) == full
+
+    run = RunDir(tmp_path / "run")
+    pair = {"prompt": [{"role": "user", "content": "What does VACUUM reclaim?"}],
+            "chosen": [{"role": "assistant", "content": "Storage held by dead tuples."}],
+            "rejected": [{"role": "assistant", "content": "A role owns objects."}]}
+    long = {**pair, "prompt": [{"role": "user", "content": "word " * 600}]}  # over max_length: not trained on, not priced
+    rows = [{**pair, "kind": "matching"}] * 6 + [{**pair, "kind": "preference"}] + [{**long, "kind": "matching"}]
+    atomic_write_jsonl(run.path(art.DPO_ROWS), rows)
+    (run.stage_dir(art.GENERATE) / "manifest.json").write_text("{}")  # generate finished
+    length = fitting_pairs([pair], demo.base_model, demo.dpo.max_length)[0]["length"]
+    demo.eval.enabled = False  # as bench/real_questions.py builds: DPO is all that is left to grow
+    plan = planner.make_plan(demo, FIG, FACTS, 1200)
+    running = planner.apply(demo, plan.settings)
+    build = Build(run, {"budget_s": 1200, "plan": plan.model_dump(mode="json")}, dict(plan.predicted), (demo, FIG, FACTS, plan))
+    order = list(plan.predicted)
+    build.start(order)
+    for stage in order[: order.index("sft")]:
+        build.finished(stage, plan.predicted[stage], skipped=False)
+    build.finished("sft", plan.predicted["sft"], skipped=False)  # training ran as predicted: only the pairs move DPO
+    after = build.replan("sft", running, say=lambda _: None)
+    record = json.loads((run.root / "budget.json").read_text())
+    assert record["replans"][-1]["facts"] == {"dpo_pair_tokens": float(length)}
+    assert after.dpo.max_steps > running.dpo.max_steps
+    assert build.planned["dpo"] <= plan.predicted["dpo"] * 1.1  # more steps for about the seconds it had
 
 
 def test_probe_noise_does_not_move_the_plan(demo):

@@ -90,7 +90,8 @@ def test_user_questions_are_asked_the_way_users_ask_in_several_wordings():
 
 
 def test_raft_rows_hold_the_source_among_retrieved_distractors_and_cite_it(demo_chunks):
-    from slmforge.generate.raft import NO_SOURCE, raft_data
+    from slmforge.generate.raft import NO_SOURCE, OPEN_KIND, raft_data
+    from slmforge.records import DpoRow
 
     passages = passages_of(demo_chunks, 120)
     index = Bm25Index.build(passages)
@@ -122,6 +123,22 @@ def test_raft_rows_hold_the_source_among_retrieved_distractors_and_cite_it(demo_
     assert all(r["messages"][1]["content"].startswith(NO_SOURCE) for r in none)
     assert format_passages([]) == ""
 
+    # open-book matching pairs: the with-source prompt, the item's own answer over another chunk's question's answer
+    assert {d["kind"] for d in dpo} == {"raft"}  # only when asked
+    sft2, _, dpo2, _ = raft_data(items, index, k=2, p_source=0.8, seed=0, matching=True)
+    assert sft2 == sft
+    opened = [d for d in dpo2 if d["kind"] == OPEN_KIND]
+    assert len(opened) == len(pretrain)  # one per with-source prompt
+    prompts = {r["text"].split("\nAnswer: ")[0]: r for r in pretrain}
+    answers = {it.answer: it.chunk_id for it in items}
+    for d in opened:
+        DpoRow.model_validate(d)
+        prompt, chosen, rejected = d["prompt"][0]["content"], d["chosen"][0]["content"], d["rejected"][0]["content"]
+        assert prompt in prompts and chosen == prompts[prompt]["text"].split("\nAnswer: ")[1]  # the RAFT answer, cited
+        cited = chosen[chosen.rindex(" ["):]
+        assert rejected.endswith(cited)  # both cite the source: only what they say differs
+        assert answers[rejected[: -len(cited)]] != d["chunk_id"]  # another chunk's question's answer
+
 
 def test_the_build_indexes_generates_raft_rows_and_search_prints_passages(tmp_path):
     from conftest import DEMO_DOCS, write_recipe
@@ -149,7 +166,7 @@ def test_the_build_indexes_generates_raft_rows_and_search_prints_passages(tmp_pa
     assert raft and all(r.messages[0].content.startswith("Passages:\n") for r in raft)
     dpo = run.read(art.DPO_ROWS)
     kinds = {r.kind for r in dpo}
-    assert {"matching", "raft"} <= kinds, kinds  # question-answer matching pairs beside the RAFT ones
+    assert {"matching", "matching_open", "raft"} <= kinds, kinds  # question-answer matching pairs beside the RAFT ones
     assert all(r.chosen[0].content in {i.answer for i in run.read(art.ITEMS)} for r in dpo if r.kind == "matching")
     report = json.loads(run.path(art.GENERATE_REPORT).read_text())
     assert report["retrieval"]["recall@k"]["5"] > 0.3

@@ -263,6 +263,26 @@ def test_dpo_kinds_train_only_those_pairs_and_name_the_kinds_the_file_holds(tmp_
     assert counts["pairs"] == len(rows) // 2 and counts["steps"] == TINY_TRAIN["max_steps"]
 
 
+def test_dpo_batches_pairs_of_similar_length(tiny_model):
+    """Short closed-book pairs and long open-book ones are batched apart: a mixed batch pads every pair to the longest."""
+    from datasets import Dataset
+
+    from slmforge.models import load_causal_lm, load_tokenizer
+    from slmforge.recipe import DpoConfig
+    from slmforge.train.dpo import make_trainer
+
+    long = "Passages: [1] VACUUM reclaims storage occupied by dead tuples. " * 12
+    pairs = [{**r, "prompt": [{"role": "user", "content": (long if i % 2 else "") + r["prompt"][0]["content"]}]}
+             for i, r in enumerate(DPO_ROWS)]
+    cfg = DpoConfig(enabled=True, batch_size=4, max_length=512, max_steps=4)
+    kwargs = {"output_dir": "unused", "per_device_train_batch_size": 4, "max_steps": 4, "report_to": [], "use_cpu": True}
+    trainer = make_trainer(load_causal_lm(tiny_model), load_tokenizer(tiny_model), Dataset.from_list(pairs), kwargs, cfg)
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(len(pairs)))  # every pair once an epoch
+    for start in range(0, len(order), 4):  # each batch of 4: all long or all short
+        assert len({i % 2 for i in order[start:start + 4]}) == 1, order
+
+
 # ---------------------------------------------------------------------------------------------- stages end to end
 def test_dapt_sft_dpo_chain_produces_loadable_models(tmp_path, tiny_model):
     general = tmp_path / "general.jsonl"

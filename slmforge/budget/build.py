@@ -144,6 +144,20 @@ class Build:
                                 "wall_s": round(time.time() - self.started, 1)}
         self.save()
 
+    def _data_facts(self, recipe, remaining: list[str]) -> dict:
+        """What the stages still to run will train on, measured now that generate has written it: the mean tokens of
+        the DPO pairs (the planner priced them at dpo.max_length before)."""
+        if art.DPO not in remaining or not recipe.dpo.enabled or not self.run.has(art.DPO_ROWS):
+            return {}
+        from slmforge.train.dpo import usable_pairs
+
+        rows = [r.model_dump(mode="json", exclude_unset=True) for r in self.run.read(art.DPO_ROWS)]
+        try:
+            pairs, _ = usable_pairs(rows, recipe.dpo, recipe.base_model, self.run.path(art.DPO_ROWS))
+        except ValueError:
+            return {}  # the DPO stage itself names what is wrong with the file
+        return {"dpo_pair_tokens": round(sum(p["length"] for p in pairs) / len(pairs), 1)}
+
     def replan(self, stage: str, recipe, say=print):
         """The recipe the rest of the build runs with, re-planned after `stage` when it was a training stage that ran;
         `recipe` itself when nothing changed."""
@@ -153,6 +167,8 @@ class Build:
         if self.planning is None or stage not in TRAIN or done.get(stage, {}).get("skipped", True):
             return recipe
         written, fig, facts, plan = self.planning
+        measured = self._data_facts(recipe, [s for s in self.order if s not in done])
+        facts = {**facts, **measured}
         ran = {s: r["actual_s"] for s, r in done.items() if s in TRAIN and not r["skipped"]}
         spent = {s: r["spent_s"] for s, r in done.items()}
         new = planner.replan(written, fig, facts, plan, stage, spent, ran, [s for s in self.order if s not in done])
@@ -166,7 +182,7 @@ class Build:
             console.build_clock.planned.update(ahead)
         self.record["plan"] = new.model_dump(mode="json")
         self.record.setdefault("replans", []).append(
-            {"after": stage, "pace": new.pace, "changed": changed, "predicted": ahead,
+            {"after": stage, "pace": new.pace, "changed": changed, "predicted": ahead, **({"facts": measured} if measured else {}),
              "predicted_total_s": new.predicted_total_s})
         self.save()
         shown = ", ".join(f"{k} {plan.settings.get(k)}→{v}" for k, v in changed.items() if k != "eval.items")

@@ -33,6 +33,10 @@ KEEP = 0.85  # a previous plan is kept while it predicts at least this share of 
 GRID = range(-40, 49)  # s = 2 ** (k / 8): 1/32 .. 64
 EVAL_MIN_ITEMS = 10  # a shrunk benchmark keeps at least this many items per kind (or all it had)
 TRAINER_SETUP_S = 4.0  # building the Trainer, tokenizing the stage's data, accelerate's setup
+DPO_PADDING = 1.1  # a length-grouped DPO batch pads to its longest pair: ~10% over the pairs' mean
+# a TRL DPO step costs more than an SFT step of the same tokens (two short sequences a pair, full-vocabulary log-probs,
+# entropy and reward metrics): 16.5 s measured against 9.4 s predicted per 8-pair step on an AVX2 EPYC (Debian FAQ build)
+DPO_STEP_FACTOR = 1.75
 EVAL_MODEL_SETUP_S = 5.0  # lm-eval's setup per scored model
 TOKENS_PER_WORD = 1.5
 # tokens a scored item costs (prompt; or prompt + option per choice), from the demo's benchmarks
@@ -111,11 +115,16 @@ def _precision(cfg, fig: Figures) -> str:
     return p if p in fig.train else "fp32"
 
 
-def train_seconds(stage: str, recipe, fig: Figures) -> float:
+def train_seconds(stage: str, recipe, fig: Figures, facts: dict | None = None) -> float:
+    """`facts["dpo_pair_tokens"]`: the mean tokens of the pairs DPO will train on, once generate has written them (its
+    batches are grouped by length, so they pad little); until then every pair is priced at dpo.max_length."""
     cfg = getattr(recipe, stage)
     prec = _precision(cfg, fig)
-    micro_tokens = cfg.batch_size * cfg.max_length * (2 if stage == "dpo" else 1)  # DPO: chosen and rejected
-    step = cfg.grad_accum * fig.step_seconds(micro_tokens, prec)
+    length = cfg.max_length
+    if stage == "dpo" and (facts or {}).get("dpo_pair_tokens"):
+        length = min(cfg.max_length, facts["dpo_pair_tokens"] * DPO_PADDING)
+    micro_tokens = cfg.batch_size * length * (2 if stage == "dpo" else 1)  # DPO: chosen and rejected
+    step = cfg.grad_accum * fig.step_seconds(micro_tokens, prec) * (DPO_STEP_FACTOR if stage == "dpo" else 1.0)
     seconds = fig.load_s + TRAINER_SETUP_S + cfg.max_steps * step + (cfg.max_steps // cfg.save_steps) * fig.save_s
     seconds += 0.4 * fig.save_s  # the final model folder (weights only)
     if stage == "dapt" and cfg.general_dataset is None and (cfg.domain_ratio < 1 or cfg.upsample_ratio < 1) and fig.generate:
@@ -130,7 +139,7 @@ def train_seconds(stage: str, recipe, fig: Figures) -> float:
         seconds += fig.load_s + rows * (dc.passage_words * TOKENS_PER_WORD + QUESTION_PROMPT_TOKENS * 2) * fig.train[prec].forward_token_s
     if stage == "dpo" and cfg.precompute_ref:  # reference log-probs of every pair used, forward only
         pairs = cfg.max_steps * cfg.batch_size * cfg.grad_accum
-        seconds += pairs * 2 * cfg.max_length * fig.train[prec].forward_token_s
+        seconds += pairs * 2 * length * fig.train[prec].forward_token_s
     return seconds
 
 
@@ -237,7 +246,7 @@ def predict(recipe, fig: Figures, facts: dict) -> dict[str, float]:
     out = {}
     for stage in recipe.enabled_stages():
         if stage in PLANNED_TRAIN:
-            out[stage] = train_seconds(stage, recipe, fig)
+            out[stage] = train_seconds(stage, recipe, fig, facts)
         elif stage == "generate":
             out[stage] = facts.get("generate", 0.0) + teacher_seconds(recipe, fig)
         elif stage == "eval":

@@ -12,6 +12,10 @@ this question. These pairs teach it directly, with DPO (TRL's DPOTrainer, closed
 The CPU recipe (the demo preset) trains DPO on these pairs only; README "Which answer goes with which question" has what
 they did on real FAQs never trained on. The negatives are random, not retrieved neighbours (hard negatives, not
 compared yet): a neighbouring chunk's answer may well answer the question too, and would teach rejecting right answers.
+
+The same pairs open book (kind `matching_open`, slmforge/generate/raft.py): the prompt holds the question's source
+passage among retrieved distractors, as serving and the open-book benchmarks show them, so the preference is for the
+answer that the passages in front of the model support, each answer cited with the source passage.
 """
 
 from __future__ import annotations
@@ -24,25 +28,33 @@ from slmforge.records import Item
 KIND = "matching"
 
 
-def matching_pairs(items: list[Item], seed: int = 0) -> list[dict]:
-    """DPO rows (TRL's conversational format) for the qa items: own answer over another chunk's answer."""
+def partners(items: list[Item], seed: int = 0) -> dict[str, Item]:
+    """Each qa item's rejected answer: a question item of another chunk whose answer is not a near-copy of its own
+    (duplicated sentences across pages exist), drawn seeded per item; items with none are left out."""
     questions = [it for it in items if it.kind == "qa" and it.answer.strip()]
     if len({it.chunk_id for it in questions}) < 2:
-        return []  # every answer comes from one chunk: no answer of another chunk to prefer it over
+        return {}  # every answer comes from one chunk: no answer of another chunk to prefer it over
     words = {it.id: content_words(it.answer) for it in questions}
-    rows = []
+    out = {}
     for item in questions:
         rng = random.Random(f"{seed}:matching:{item.id}")
         own = words[item.id]
         for _attempt in range(20):
             other = rng.choice(questions)
-            # another chunk's answer, not a near-copy of this one (duplicated sentences across pages exist)
             if other.chunk_id != item.chunk_id and len(own & words[other.id]) < 0.5 * max(len(own), 1):
+                out[item.id] = other
                 break
-        else:
-            continue
-        rows.append({"prompt": [{"role": "user", "content": item.prompt}],
-                     "chosen": [{"role": "assistant", "content": item.answer}],
-                     "rejected": [{"role": "assistant", "content": other.answer}],
-                     "chunk_id": item.chunk_id, "teacher": item.origin, "kind": KIND})
-    return rows
+    return out
+
+
+def pair(prompt: str, chosen: str, rejected: str, item: Item, kind: str = KIND) -> dict:
+    """One DPO row in TRL's conversational format."""
+    return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "chunk_id": item.chunk_id, "teacher": item.origin,
+            "kind": kind}
+
+
+def matching_pairs(items: list[Item], seed: int = 0) -> list[dict]:
+    """DPO rows (TRL's conversational format) for the qa items: own answer over another chunk's answer."""
+    other = partners(items, seed)
+    return [pair(item.prompt, item.answer, other[item.id].answer, item) for item in items if item.id in other]

@@ -14,7 +14,9 @@ The same prompt layout is used everywhere a model reads passages (slmforge.index
 
     Question: <question>
 SFT gets it as a chat turn; DAPT (mixed training) gets the with-source examples as plain text ending in
-"Answer: <answer>"; DPO gets pairs whose rejected answer answers from a distractor passage and cites it.
+"Answer: <answer>"; DPO gets pairs whose rejected answer answers from a distractor passage and cites it, and (with
+`matching`) open-book matching pairs: the same with-source prompt, the item's own answer preferred over another chunk's
+question's answer (slmforge/generate/matching.py), both cited with the source passage.
 It also measures retrieval: recall@k of each question's source chunk (the figure the report shows).
 """
 
@@ -26,6 +28,7 @@ from slmforge.evaluate.questions import content_words
 from slmforge.index.bm25 import Bm25Index, passages_prompt, recall_from_hits
 from slmforge.records import Item, Passage
 
+OPEN_KIND = "matching_open"
 NO_SOURCE = "The passages above do not answer this; from the documentation: "
 
 
@@ -45,9 +48,13 @@ def _first_sentence(text: str, words: int = 40) -> str:
 
 
 def raft_data(items: list[Item], index: Bm25Index, k: int = 2, p_source: float = 0.8, seed: int = 0,
-              recall_ks: tuple[int, ...] = (1, 2, 5, 10)) -> tuple[list[dict], list[dict], list[dict], dict]:
-    """(sft rows, pretrain rows, dpo rows, stats) for the qa items."""
+              recall_ks: tuple[int, ...] = (1, 2, 5, 10), matching: bool = False
+              ) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """(sft rows, pretrain rows, dpo rows, stats) for the qa items; `matching` adds the open-book matching pairs."""
+    from slmforge.generate.matching import pair, partners
+
     questions = [it for it in items if it.kind == "qa"]
+    other = partners(items, seed) if matching else {}
     by_chunk: dict[str, list[Passage]] = {}
     for p in index.passages:
         by_chunk.setdefault(p.chunk_id, []).append(p)
@@ -72,6 +79,8 @@ def raft_data(items: list[Item], index: Bm25Index, k: int = 2, p_source: float =
                             "chosen": [{"role": "assistant", "content": answer}],
                             "rejected": [{"role": "assistant", "content": f"{_first_sentence(wrong.text)} {wrong.citation}"}],
                             "kind": "raft", **meta})
+            if item.id in other:
+                dpo.append(pair(prompt, answer, f"{other[item.id].answer} {source.citation}", item, OPEN_KIND))
         else:
             prompt, answer = passages_prompt(item.prompt, distractors[:k]), NO_SOURCE + item.answer
         sft.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],

@@ -99,7 +99,8 @@ class GenerateStage(Stage):
             from slmforge.index import open_index
 
             index = open_index(ctx, deployed=False)
-            raft_sft, raft_pretrain, raft_dpo, retrieval = raft_data(items, index, recipe.index.k, cfg.raft.p_source, recipe.seed)
+            raft_sft, raft_pretrain, raft_dpo, retrieval = raft_data(items, index, recipe.index.k, cfg.raft.p_source, recipe.seed,
+                                                                      matching=cfg.matching)
             kept = [r for r in raft_pretrain if not check.overlaps_avoid(r["text"])]  # passages of other chunks ride along
             sft += raft_sft if cfg.raft.sft else []
             pretrain += kept if cfg.raft.pretrain else []
