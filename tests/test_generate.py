@@ -397,7 +397,7 @@ def test_partial_teacher_failures_are_listed_and_a_rerun_retries_only_those(tmp_
 
 
 def test_matching_pairs_prefer_a_questions_own_answer_over_another_chunks():
-    from slmforge.generate.matching import matching_pairs
+    from slmforge.generate.matching import matching_pairs, partners
     from slmforge.records import DpoRow
 
     topics = ["vacuum reclaims dead tuples", "pg_dump writes a script file", "a role owns objects",
@@ -413,4 +413,5 @@ def test_matching_pairs_prefer_a_questions_own_answer_over_another_chunks():
         assert row["prompt"][0]["content"] == item.prompt and row["chosen"][0]["content"] == item.answer
         assert answers[row["rejected"][0]["content"]] != item.chunk_id  # another chunk's answer
     assert matching_pairs(items, seed=0) == rows and matching_pairs(items, seed=1) != rows  # seeded
+    assert matching_pairs(items, drawn=partners(items, seed=0)) == rows  # the partners drawn once, as generate does
     assert matching_pairs([it for it in items if it.chunk_id == "c-0000"]) == []  # one chunk: nothing to prefer over

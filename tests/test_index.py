@@ -125,7 +125,9 @@ def test_raft_rows_hold_the_source_among_retrieved_distractors_and_cite_it(demo_
 
     # open-book matching pairs: the with-source prompt, the item's own answer over another chunk's question's answer
     assert {d["kind"] for d in dpo} == {"raft"}  # only when asked
-    sft2, _, dpo2, _ = raft_data(items, index, k=2, p_source=0.8, seed=0, matching=True)
+    from slmforge.generate.matching import partners
+
+    sft2, _, dpo2, _ = raft_data(items, index, k=2, p_source=0.8, seed=0, partners=partners(items, seed=0))
     assert sft2 == sft
     opened = [d for d in dpo2 if d["kind"] == OPEN_KIND]
     assert len(opened) == len(pretrain)  # one per with-source prompt

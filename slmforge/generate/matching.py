@@ -54,7 +54,8 @@ def pair(prompt: str, chosen: str, rejected: str, item: Item, kind: str = KIND) 
             "kind": kind}
 
 
-def matching_pairs(items: list[Item], seed: int = 0) -> list[dict]:
-    """DPO rows (TRL's conversational format) for the qa items: own answer over another chunk's answer."""
-    other = partners(items, seed)
+def matching_pairs(items: list[Item], seed: int = 0, drawn: dict[str, Item] | None = None) -> list[dict]:
+    """DPO rows (TRL's conversational format) for the qa items: own answer over another chunk's answer; `drawn`:
+    partners(items, seed) when the caller has it already."""
+    other = partners(items, seed) if drawn is None else drawn
     return [pair(item.prompt, item.answer, other[item.id].answer, item) for item in items if item.id in other]

@@ -14,9 +14,9 @@ The same prompt layout is used everywhere a model reads passages (slmforge.index
 
     Question: <question>
 SFT gets it as a chat turn; DAPT (mixed training) gets the with-source examples as plain text ending in
-"Answer: <answer>"; DPO gets pairs whose rejected answer answers from a distractor passage and cites it, and (with
-`matching`) open-book matching pairs: the same with-source prompt, the item's own answer preferred over another chunk's
-question's answer (slmforge/generate/matching.py), both cited with the source passage.
+"Answer: <answer>"; DPO gets pairs whose rejected answer answers from a distractor passage and cites it, and (given
+the matching partners) open-book matching pairs: the same with-source prompt, the item's own answer preferred over
+another chunk's question's answer (slmforge/generate/matching.py), both cited with the source passage.
 It also measures retrieval: recall@k of each question's source chunk (the figure the report shows).
 """
 
@@ -48,13 +48,14 @@ def _first_sentence(text: str, words: int = 40) -> str:
 
 
 def raft_data(items: list[Item], index: Bm25Index, k: int = 2, p_source: float = 0.8, seed: int = 0,
-              recall_ks: tuple[int, ...] = (1, 2, 5, 10), matching: bool = False
+              recall_ks: tuple[int, ...] = (1, 2, 5, 10), partners: dict[str, Item] | None = None
               ) -> tuple[list[dict], list[dict], list[dict], dict]:
-    """(sft rows, pretrain rows, dpo rows, stats) for the qa items; `matching` adds the open-book matching pairs."""
-    from slmforge.generate.matching import pair, partners
+    """(sft rows, pretrain rows, dpo rows, stats) for the qa items; `partners` (slmforge.generate.matching.partners:
+    each question's rejected answer) adds the open-book matching pairs."""
+    from slmforge.generate.matching import pair
 
     questions = [it for it in items if it.kind == "qa"]
-    other = partners(items, seed) if matching else {}
+    other = partners or {}
     by_chunk: dict[str, list[Passage]] = {}
     for p in index.passages:
         by_chunk.setdefault(p.chunk_id, []).append(p)

@@ -89,10 +89,12 @@ class GenerateStage(Stage):
         items, pretrain, question_rejects, questions = drop_question_overlap(recipe, items, pretrain)  # eval.questions
         rejected += question_rejects
         sft, dpo = sft_rows(items), dpo_rows(items)
+        drawn = {}  # each question's rejected answer, drawn once for the closed- and the open-book matching pairs
         if cfg.matching:
-            from slmforge.generate.matching import matching_pairs
+            from slmforge.generate.matching import matching_pairs, partners
 
-            dpo += matching_pairs(items, recipe.seed)
+            drawn = partners(items, recipe.seed)
+            dpo += matching_pairs(items, drawn=drawn)
         retrieval = None
         if BM25_TRAIN in self.uses_for(recipe) and ctx.run.has(BM25_TRAIN):
             from slmforge.generate.raft import raft_data
@@ -100,7 +102,7 @@ class GenerateStage(Stage):
 
             index = open_index(ctx, deployed=False)
             raft_sft, raft_pretrain, raft_dpo, retrieval = raft_data(items, index, recipe.index.k, cfg.raft.p_source, recipe.seed,
-                                                                      matching=cfg.matching)
+                                                                      partners=drawn)
             kept = [r for r in raft_pretrain if not check.overlaps_avoid(r["text"])]  # passages of other chunks ride along
             sft += raft_sft if cfg.raft.sft else []
             pretrain += kept if cfg.raft.pretrain else []
