@@ -397,8 +397,9 @@ def compare(rows: list[dict], base: list[dict], spec: list[dict]) -> dict:
             "longest_option": refs["longest_option"]["acc"]}
 
 
-def open_book_contexts(run_dir: Path, rows: list[dict], questions) -> tuple[list[str], dict]:
-    """Top-k passages of the run's index per question (k = the recipe's index.k, as serving uses), and retrieval facts."""
+def open_book_contexts(run_dir: Path, rows: list[dict], questions, k: int | None = None) -> tuple[list[str], dict]:
+    """Top-k passages of the run's index per question (k = the recipe's index.k, as serving uses, unless given), and
+    retrieval facts."""
     from slmforge.artifacts import GENERATE_REPORT, INDEX
     from slmforge.evaluate.questions import content_words
     from slmforge.index import open_index
@@ -410,7 +411,7 @@ def open_book_contexts(run_dir: Path, rows: list[dict], questions) -> tuple[list
         index = open_index(run, deployed=True)
     except FileNotFoundError as err:
         sys.exit(f"{run_dir}: no retrieval index ({err}); build with the index stage enabled")
-    k = (run.manifest(INDEX) or {}).get("config", {}).get("stage", {}).get("k", 2)
+    k = k or (run.manifest(INDEX) or {}).get("config", {}).get("stage", {}).get("k", 2)
     answers = {q.id: q.answer for q in questions}
     hits = index.search_many([r["question"] for r in rows], k)
     coverage = []
@@ -623,12 +624,13 @@ def run_domain(domain: Domain, args) -> dict:
     result.update(general_perplexity(general_text_nll("default", work / "score_cache"),
                                      general_text_nll(str(model_dir), work / "score_cache")))
     if args.open_book:
-        contexts, retrieval = open_book_contexts(run_dir, rows, questions)
+        contexts, retrieval = open_book_contexts(run_dir, rows, questions, args.open_book_k)
         base_open, s1 = score_model("default", rows, contexts, args.batch_size, work / "score_cache")
         spec_open, s2 = score_model(str(model_dir), rows, contexts, args.batch_size, work / "score_cache")
         log(f"[{domain.name}] open-book scored in {s1:.0f} s (base) and {s2:.0f} s (specialist)")
         result.update(open_book(rows, base, base_open, spec_open), **retrieval)
-        (scores_dir / "open_book.json").write_text(json.dumps({"contexts": contexts, "base": base_open, "specialist": spec_open}))
+        name = f"open_book_k{args.open_book_k}.json" if args.open_book_k else "open_book.json"  # an arm of its own
+        (scores_dir / name).write_text(json.dumps({"contexts": contexts, "base": base_open, "specialist": spec_open}))
         if args.served:
             result.update(served(rows, contexts, model_dir, args, work))
     if args.merge:
@@ -652,6 +654,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every build")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--open-book", action="store_true", help="also score both models with retrieved passages")
+    parser.add_argument("--open-book-k", type=int, default=None, metavar="K", help="with --open-book: passages per "
+                        "question (default: the run's index.k, as serving uses)")
     parser.add_argument("--served", action="store_true", help="with --open-book: also score closed and open book in the "
                         "served format (the chat template around the question or the passages prompt, as `slmforge serve` sends it)")
     parser.add_argument("--model", default=None, metavar="MODEL_DIR", help="score this model as the specialist (with "

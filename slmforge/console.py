@@ -64,13 +64,14 @@ class BuildClock:
         self.stage: str | None = None
         self.stage_started = self.started
         self.done: set[str] = set()
+        self.deadline: float | None = None  # when the running stage must end for the build to keep its budget
 
     def begin(self, stage: str) -> None:
         self.stage, self.stage_started = stage, self.now()
 
     def end(self, stage: str) -> None:
         self.done.add(stage)
-        self.stage = None
+        self.stage, self.deadline = None, None
 
     def remaining(self, fraction: float | None = None) -> float:
         """Seconds left: the stages not started at their planned seconds, plus the running one's plan less the time it

@@ -480,6 +480,24 @@ def test_run_queue_wait_shows_a_contended_probe():
     assert shared > 0.3
 
 
+def test_a_stages_deadline_leaves_the_stages_after_it_their_planned_time(tmp_path):
+    """Build.deadline: now + the budget less the probes, what the finished stages cost (a skipped one what it cost
+    earlier) and the planned seconds of the stages still after it; none without a budget."""
+    from slmforge.budget.build import Build
+    from slmforge.run import RunDir
+
+    planned = {"ingest": 5.0, "dapt": 300.0, "sft": 400.0, "dpo": 200.0, "eval": 100.0}
+    build = Build(RunDir(tmp_path / "run"), {"budget_s": 1200, "probe_wall_s": 40.0}, planned)
+    build.start(list(planned))
+    build.finished("ingest", 3.0, skipped=False)
+    build.finished("dapt", 0.1, skipped=True, spent=250.0)
+    now = time.time()
+    assert build.deadline("sft") == pytest.approx(now + 1200 - 40 - 3 - 250 - 200 - 100, abs=1)
+    build.finished("sft", 500.0, skipped=False)  # over its plan: dpo gets less
+    assert build.deadline("dpo") == pytest.approx(time.time() + 1200 - 40 - 3 - 250 - 500 - 100, abs=1)
+    assert Build(RunDir(tmp_path / "other"), {}, planned).deadline("dpo") is None
+
+
 def test_a_budgeted_build_plans_records_and_skips_when_unchanged(tmp_path, monkeypatch, tiny_model, corpus):
     """A tiny build under a budget, through the CLI: precision settled by measurement, the plan applied to the stages'
     settings, planned vs actual seconds in budget.json and the manifests; the second build probes nothing, plans the
@@ -504,7 +522,11 @@ def test_a_budgeted_build_plans_records_and_skips_when_unchanged(tmp_path, monke
     for stage, row in record["stages"].items():
         assert row["planned_s"] == plan["predicted"][stage] and row["actual_s"] >= 0 and not row["skipped"]
     dapt = json.loads((run / "dapt" / "manifest.json").read_text())
-    assert dapt["config"]["stage"]["max_steps"] == plan["settings"]["dapt.max_steps"] == dapt["counts"]["steps"]
+    assert dapt["config"]["stage"]["max_steps"] == plan["settings"]["dapt.max_steps"] == dapt["counts"]["planned_steps"]
+    # every planned step, unless the plan was optimistic on this machine and the build's deadline stopped it
+    assert (dapt["counts"]["steps"] < dapt["counts"]["planned_steps"]) == dapt["counts"]["stopped_at_deadline"]
+    assert record["total"]["wall_s"] + record["probe_wall_s"] < 60 + 15  # within the budget (the deadline ignores
+    # what comes after the last step: the model's save and the manifest)
     assert dapt["config"]["stage"]["precision"] == record["precision"]["choice"]  # settled, not "auto"
     assert dapt["build"]["planned_s"] == plan["predicted"]["dapt"] and dapt["build"]["precision"]["choice"]
     assert "budget" in result.output and "planned" in result.output

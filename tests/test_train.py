@@ -315,6 +315,33 @@ def test_dapt_sft_dpo_chain_produces_loadable_models(tmp_path, tiny_model):
     assert run.execute(dapt.DaptStage(), recipe).skipped  # unchanged -> skipped
 
 
+def test_a_training_stage_stops_at_the_builds_deadline_and_says_so(tmp_path, tiny_model, monkeypatch):
+    """In a budgeted build the running stage has a deadline (slmforge.budget.build.Build.deadline): a step that would
+    end past it is not started, the model of the steps done is saved, and the manifest and console say so."""
+    import time
+
+    from slmforge import console
+
+    general = tmp_path / "general.jsonl"
+    atomic_write_jsonl(general, [{"text": t} for t in GENERAL])
+    recipe, run = make_run(tmp_path, tiny_model, general_file=general,
+                           dapt={"enabled": True, **TINY_TRAIN, "max_steps": 6, "domain_ratio": 0.5})
+    clock = console.BuildClock({"dapt": 10.0}, budget_s=60)
+    clock.begin("dapt")
+    clock.deadline = time.time()  # already due: the first step runs (its pace is unknown before it), no second
+    monkeypatch.setattr(console, "build_clock", clock)
+    printed = []
+    monkeypatch.setattr(console.console, "print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+    counts = run.execute(dapt.DaptStage(), recipe).manifest["counts"]
+    assert counts["steps"] == 1 and counts["planned_steps"] == 6 and counts["stopped_at_deadline"]
+    generate_text(run.stage_dir("dapt") / "model")
+    assert any("dapt stopped at step 1 of 6" in line for line in printed)
+
+    clock.deadline = time.time() + 3600  # far: every planned step
+    counts = run.execute(dapt.DaptStage(), recipe, force=True).manifest["counts"]
+    assert counts["steps"] == 6 and not counts["stopped_at_deadline"]
+
+
 def _weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -117,7 +117,22 @@ class Build:
         if clock is None or stage not in self.planned:
             return ""
         clock.begin(stage)
+        clock.deadline = self.deadline(stage)
         return f"  [dim](planned {_fmt(self.planned[stage])}; {clock.line()})[/dim]"
+
+    def deadline(self, stage: str) -> float | None:
+        """The wall-clock time (epoch seconds) by which `stage`, starting now, must end for the build to end within its
+        budget: the budget less the probes, the stages finished so far (a skipped one at what it cost) and the planned
+        seconds of the stages after it. None without a budget. Training stops there (slmforge/train/job.py): a plan that
+        turned out optimistic costs the last steps, not the budget."""
+        budget = self.record.get("budget_s")
+        if not budget:
+            return None
+        finished = self.record["stages"]
+        after = self.order[self.order.index(stage) + 1:] if stage in self.order else []
+        left = (budget - self.record.get("probe_wall_s", 0.0) - sum(s["spent_s"] for s in finished.values())
+                - sum(self.planned.get(s, 0.0) for s in after if s not in finished))
+        return time.time() + left
 
     def notes(self, stage: str) -> dict | None:
         out = {}

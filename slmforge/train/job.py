@@ -46,6 +46,9 @@ def run_job(job: dict) -> dict:
     trainer = _trainer_factory(job["kind"])(model, tok, dataset, trainer_kwargs(cfg, output_dir, job["seed"]), cfg)
     trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout; the progress callback prints a tidy line instead
     trainer.add_callback(progress_callback(f"{job['kind']} steps"))
+    deadline = deadline_callback(job["deadline"]) if job.get("deadline") else None
+    if deadline is not None:
+        trainer.add_callback(deadline)
     enable_fsdp2_on_cpu(trainer)
     distributed = distributed_kind(trainer.accelerator)
     requested = _requested_kind(cfg)
@@ -86,6 +89,8 @@ def run_job(job: dict) -> dict:
             "method": cfg.method,
             "device": device_defaults()["device"],
             "bf16_autocast": bool(trainer.args.bf16),
+            "planned_steps": cfg.max_steps,
+            "stopped_at_deadline": bool(deadline is not None and deadline.stopped),
         }
         atomic_write_json(output_dir / "result.json", summary)
     trainer.accelerator.wait_for_everyone()
@@ -170,17 +175,51 @@ def _tokens_at(log_history: list[dict], step: int) -> int:
 
 
 def train(kind: str, *, model: str, data: Path, ctx, cfg: TrainSection) -> dict:
-    """Run a training job for a stage, in process or under `accelerate launch`; return its summary counts."""
+    """Run a training job for a stage, in process or under `accelerate launch`; return its summary counts. In a
+    budgeted build, a job in this process stops at the build's deadline for the stage (deadline_callback)."""
+    from slmforge import console
+
     output_dir = ctx.scratch / "checkpoints"  # survives a kill: the rerun resumes from the last checkpoint here
     job = {"kind": kind, "model": model, "data": str(data), "output_dir": str(output_dir), "out": str(ctx.out),
            "config": cfg.model_dump(mode="json"), "seed": ctx.recipe.seed}
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "result.json").unlink(missing_ok=True)
     if cfg.processes == 1 and cfg.accelerate_config is None:
-        run_job(job)
+        clock = console.build_clock
+        # (not under accelerate launch: ranks deciding on their own clocks could stop at different steps)
+        run_job({**job, "deadline": clock.deadline if clock is not None else None})
     else:
         launch(job, cfg, output_dir)
-    return json.loads((output_dir / "result.json").read_text())
+    result = json.loads((output_dir / "result.json").read_text())
+    if result.get("stopped_at_deadline"):
+        console.console.print(f"  [yellow]{kind} stopped at step {result['steps']} of {result['planned_steps']}: the "
+                              "next step would have ended past the build's budget (its plan was optimistic; the "
+                              "budget's stages ahead keep their planned time)[/yellow]")
+    return result
+
+
+def deadline_callback(deadline: float):
+    """A TrainerCallback that ends training when the next optimizer step, at the mean pace of those before it (at least
+    one measured), would end after `deadline` (epoch seconds); the Trainer then finishes as at max_steps (the model
+    is saved as usual) and `stopped` says it happened. The learning-rate schedule is cut where it stands."""
+    from transformers import TrainerCallback
+
+    class Deadline(TrainerCallback):
+        stopped = False
+        began: float | None = None
+        steps = 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.began is None:
+                self.began = time.time()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps += 1
+            pace = (time.time() - self.began) / self.steps
+            if state.global_step < state.max_steps and time.time() + pace > deadline:
+                self.stopped = control.should_training_stop = True
+
+    return Deadline()
 
 
 def launch(job: dict, cfg, output_dir: Path) -> None:
