@@ -41,6 +41,7 @@ Usage:
     python bench/real_questions.py --set sft.max_steps=64       # recipe overrides for every build (ablations)
     python bench/real_questions.py --domains r --open-book      # also open-book: passages from the run's index
     python bench/real_questions.py --domains r --skip-build RUN_DIR --model OTHER_MODEL --open-book
+    python bench/real_questions.py --domains r --skip-build RUN_DIR --open-book --open-book-k 4   # more passages
     python bench/real_questions.py --domains debian --skip-build RUN_DIR --merge   # merge candidates on the FAQ
 
 With --open-book each model is also scored open-book: the run's retrieval index (slmforge's index stage: BM25 over
