@@ -238,7 +238,9 @@ def _env() -> dict:
 def slmforge(command: str, recipe: Path, runs: Path, overrides, log_path: Path, mode: str = "w") -> float:
     """`slmforge <command> RECIPE --set run_dir=RUNS --set ...` in its own process, output to log_path (mode "a" adds to
     it); exits with the log's end when it fails. Returns its wall-clock seconds."""
-    cmd = [sys.executable, "-m", "slmforge.cli", command, str(recipe), "--set", f"run_dir={runs}"]
+    # -P: `python -m` would put the current directory first on sys.path, before PYTHONPATH (_env), so a bench run from
+    # inside another checkout would build with that checkout's slmforge
+    cmd = [sys.executable, "-P", "-m", "slmforge.cli", command, str(recipe), "--set", f"run_dir={runs}"]
     for item in overrides:
         cmd += ["--set", item]
     start = time.perf_counter()
