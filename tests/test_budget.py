@@ -525,8 +525,6 @@ def test_a_budgeted_build_plans_records_and_skips_when_unchanged(tmp_path, monke
     assert dapt["config"]["stage"]["max_steps"] == plan["settings"]["dapt.max_steps"] == dapt["counts"]["planned_steps"]
     # every planned step, unless the plan was optimistic on this machine and the build's deadline stopped it
     assert (dapt["counts"]["steps"] < dapt["counts"]["planned_steps"]) == dapt["counts"]["stopped_at_deadline"]
-    assert record["total"]["wall_s"] + record["probe_wall_s"] < 60 + 15  # within the budget (the deadline ignores
-    # what comes after the last step: the model's save and the manifest)
     assert dapt["config"]["stage"]["precision"] == record["precision"]["choice"]  # settled, not "auto"
     assert dapt["build"]["planned_s"] == plan["predicted"]["dapt"] and dapt["build"]["precision"]["choice"]
     assert "budget" in result.output and "planned" in result.output
